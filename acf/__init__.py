@@ -1,0 +1,29 @@
+"""ACF: Attentive Contractive Flows.
+
+Contractive residual flows (i-ResNet, Residual Flow, invertible DenseNet) whose residual
+branches may carry Lipschitz-constrained self-attention (L2 multi-head attention with tied keys,
+or LipschitzNorm dot-product attention), with certified Lipschitz bounds.
+"""
+from .attention import (DotProductAttention, L2MultiheadAttention, LipNormAttention, l2_mha_lipschitz_bound,
+                        lipnorm_lipschitz_bound, make_attention)
+from .activations import CLipSwish, ELU, LipSwish
+from .block import ContractiveBlock, LipschitzChain
+from .branches import idensenet_branch, iresnet_branch, resflow_branch
+from .fixed_point import ConvergenceError, FixedPointInfo, fixed_point_solve
+from .flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob,
+                   uniform_dequantize)
+from .functional import l2_attention
+from .logdet import LogdetEstimator, exact_logdet, logdet_estimate
+from .spectral_norm import SpectralConv2d, SpectralLinear, power_iteration, spectral_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActNorm", "CLipSwish", "ContractiveBlock", "ConvergenceError", "DotProductAttention", "ELU",
+    "FixedPointInfo", "L2MultiheadAttention", "LipNormAttention", "LipSwish", "LipschitzChain",
+    "LogdetEstimator", "LogitTransform", "SequentialFlow", "SpectralConv2d", "SpectralLinear", "Squeeze",
+    "bits_per_dim", "exact_logdet", "fixed_point_solve", "idensenet_branch", "iresnet_branch",
+    "l2_attention", "l2_mha_lipschitz_bound", "lipnorm_lipschitz_bound", "logdet_estimate",
+    "make_attention", "power_iteration", "resflow_branch", "spectral_norm", "standard_normal_logprob",
+    "uniform_dequantize",
+]

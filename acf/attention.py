@@ -1,0 +1,190 @@
+"""Lipschitz-constrained self-attention layers of ACF (paper section 3).
+
+Every layer maps an NCHW image ``x`` to ``X`` in ``R^{N x D}`` (``N = H*W`` positions, ``D``
+channels) by a transpose (never a reshape, which would scramble positions and channels),
+computes a multi-head attention ``F(X)`` divided by a certified bound ``L >= Lip_2(F)``, and
+returns the contractive output of eq. 13 normalised by ``1 + |gamma|``::
+
+    out = (X + gamma * F(X) / L) / (1 + |gamma|)          (eq. 13, divided by 1 + |gamma|)
+
+Eq. 13 alone has ``Lip(out) <= 1 + |gamma|``, which breaks the contraction of the residual
+branch as soon as gamma moves away from 0 (the published code ignores this). Dividing by
+``1 + |gamma|`` gives ``Lip(out) <= (1 + |gamma| Lip(F)/L) / (1 + |gamma|) <= 1`` for every
+gamma, so the branch's certificate is the product of its convolutions' norms alone. At
+``gamma = 0`` the layer is the identity, as in the paper.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from scipy.special import lambertw
+from torch import nn
+
+from ._checks import check_image
+from .functional import l2_attention
+
+LIPNORM_SCORE_BOUND = math.exp(math.sqrt(3.0)) + 2.0 * math.sqrt(6.0)  # eq. 15 with m = n
+
+
+@lru_cache(maxsize=None)
+def l2_attention_constant(n: int, d: int) -> float:
+    """``sqrt(N / d) * (4 W0((N - 1) / e) + 1)``: the N-dependent factor of Kim et al.'s bound.
+
+    Kim et al. (2021, Thm 3.2) state it with ``phi^{-1}(N - 1)``, ``phi(x) = x e^{x+1}``, i.e.
+    ``W0((N - 1) / e)``. The ACF paper (after eq. 12) writes ``W0(N / e)``, which is slightly larger
+    and also valid; we use the exact inverse. ``d = D / H`` is the head dimension: the published
+    code's ``sqrt(N / D)`` is too small by ``sqrt(H)``.
+    """
+    w0 = float(lambertw((n - 1) / math.e).real) if n > 1 else 0.0
+    return math.sqrt(n / d) * (4.0 * w0 + 1.0)
+
+
+def _head_norms(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Spectral norms of the ``D x d`` column blocks ``W_h`` of ``w`` (one per head), exact (SVD)."""
+    d_model = w.shape[0]
+    blocks = w.reshape(d_model, heads, -1).transpose(0, 1)
+    return torch.linalg.matrix_norm(blocks, ord=2)
+
+
+def l2_mha_lipschitz_bound(w_q: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, heads: int,
+                           n: int) -> torch.Tensor:
+    """Certified ``Lip_2`` of L2 multi-head attention with tied keys (eq. 12, Kim et al. Thm 3.2).
+
+    ``L = c(N, d) * sqrt(sum_h (||W^Q_h||^2 ||W^V_h||)^2) * ||W^O||`` with exact spectral norms.
+    The square on ``||W^Q_h||`` is required: ``f_h(X) = P_h X W^Q_h W^Q_h^T W^V_h / sqrt(d)`` obeys
+    ``f(X; t W^Q) = t f(t X; W^Q)``, so its Lipschitz constant grows as ``t^2``; eq. 12 as printed
+    (one power of ``||W^Q||``) fails whenever ``||W^Q||_2 > 1``.
+    """
+    d = w_q.shape[0] // heads
+    per_head = _head_norms(w_q, heads) ** 2 * _head_norms(w_v, heads)
+    return l2_attention_constant(n, d) * per_head.norm() * torch.linalg.matrix_norm(w_o, ord=2)
+
+
+def lipnorm_lipschitz_bound(w_qkv: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
+    """Certified ``Lip_2`` of LipschitzNorm attention (Dasoulas et al. 2021; eq. 15 with m = n).
+
+    Each head is ``e^{sqrt 3} + 2 sqrt 6``-Lipschitz in its ``(Q_h, K_h, V_h)``; the heads act on
+    disjoint parts of ``X [W^Q W^K W^V]``, so ``L = (e^{sqrt 3} + 2 sqrt 6) ||[W^Q W^K W^V]||_2 ||W^O||_2``.
+    """
+    return LIPNORM_SCORE_BOUND * torch.linalg.matrix_norm(w_qkv, ord=2) * torch.linalg.matrix_norm(w_o, ord=2)
+
+
+class _ContractiveAttention(nn.Module):
+    """NCHW <-> (B, N, D) plumbing, learnable gamma and the normalised eq. 13 output."""
+
+    certified = True
+
+    def __init__(self, channels: int, heads: int) -> None:
+        super().__init__()
+        if heads < 1 or channels % heads != 0:
+            raise ValueError(f"heads={heads} must divide channels={channels} (head dim = channels / heads)")
+        self.channels, self.heads, self.head_dim = channels, heads, channels // heads
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def _weight(self, cols: int) -> nn.Parameter:
+        return nn.Parameter(torch.randn(self.channels, cols) / math.sqrt(self.channels))
+
+    def _split_heads(self, y: torch.Tensor) -> torch.Tensor:
+        b, n, _ = y.shape
+        return y.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+
+    def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = y.shape
+        return y.transpose(1, 2).reshape(b, n, self.channels)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``F(X) / L`` on ``(B, N, D)``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image(x, self.channels)
+        b, c, h, w = x.shape
+        seq = x.flatten(2).transpose(1, 2)  # (B, N, D): position-major, channels last
+        out = (seq + self.gamma * self.attend(seq)) / (1.0 + self.gamma.abs())
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+    def lipschitz_bound(self) -> float:
+        """Certified ``Lip_2`` of the layer: 1 for the normalised output (see module docstring)."""
+        return 1.0 if self.certified else math.inf
+
+
+class L2MultiheadAttention(_ContractiveAttention):
+    """L2 multi-head self-attention with keys tied to queries (Kim et al. 2021; paper eq. 9-12).
+
+    ``q_h = X W^Q_h``, ``P_h = softmax(-||q_i - q_j||^2 / sqrt(d))``,
+    ``f_h = P_h X A_h W^V_h = P_h q_h M_h`` with ``M_h = W^Q_h^T W^V_h / sqrt(d)`` (d x d, so the
+    D x D matrix ``A_h`` is never formed), ``F = [f_1 ... f_H] W^O``.
+    """
+
+    def __init__(self, channels: int, heads: int = 4) -> None:
+        super().__init__(channels, heads)
+        self.w_q, self.w_v, self.w_o = self._weight(channels), self._weight(channels), self._weight(channels)
+
+    def bound(self, n: int) -> torch.Tensor:
+        return l2_mha_lipschitz_bound(self.w_q, self.w_v, self.w_o, self.heads, n)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        d, h = self.head_dim, self.heads
+        q = self._split_heads(x @ self.w_q)
+        wq = self.w_q.reshape(self.channels, h, d).permute(1, 2, 0)  # (H, d, D) = W^Q_h^T
+        wv = self.w_v.reshape(self.channels, h, d).transpose(0, 1)   # (H, D, d) = W^V_h
+        m = wq @ wv / math.sqrt(d)                                   # (H, d, d) = M_h
+        v = q @ m.unsqueeze(0)
+        f = self._merge_heads(l2_attention(q, v, scale=1.0 / math.sqrt(d))) @ self.w_o
+        return f / self.bound(x.shape[1])
+
+
+class LipNormAttention(_ContractiveAttention):
+    """Dot-product attention with LipschitzNorm (Dasoulas et al. 2021; paper eq. 14-15).
+
+    Per head, ``S = Q K^T / max(u v, u w, v w)`` with ``u = ||Q||_F`` and ``v``, ``w`` the largest
+    row 2-norms of ``K`` and ``V``, recomputed on every forward from the current input and weights.
+    """
+
+    eps = 1e-12
+
+    def __init__(self, channels: int, heads: int = 4) -> None:
+        super().__init__(channels, heads)
+        self.w_qkv, self.w_o = self._weight(3 * channels), self._weight(channels)
+
+    def bound(self) -> torch.Tensor:
+        return lipnorm_lipschitz_bound(self.w_qkv, self.w_o)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self._split_heads(t) for t in (x @ self.w_qkv).chunk(3, dim=-1))
+        u = q.flatten(2).norm(dim=-1)                  # ||Q||_F          (B, H)
+        kv = k.norm(dim=-1).amax(dim=-1)               # max_j ||k_j||_2  (B, H)
+        vw = v.norm(dim=-1).amax(dim=-1)               # max_j ||v_j||_2  (B, H)
+        denom = torch.maximum(torch.maximum(u * kv, u * vw), kv * vw).clamp_min(self.eps)
+        p = torch.softmax(q @ k.transpose(-1, -2) / denom[..., None, None], dim=-1)
+        return self._merge_heads(p @ v) @ self.w_o / self.bound()
+
+
+class DotProductAttention(_ContractiveAttention):
+    """Plain ``softmax(Q K^T / sqrt(d)) V`` (ablation only): not Lipschitz, so no certificate.
+
+    ``out = (X + gamma F) / (1 + |gamma|)``; its Jacobian grows with the input scale.
+    """
+
+    certified = False
+
+    def __init__(self, channels: int, heads: int = 4) -> None:
+        super().__init__(channels, heads)
+        self.w_qkv, self.w_o = self._weight(3 * channels), self._weight(channels)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self._split_heads(t) for t in (x @ self.w_qkv).chunk(3, dim=-1))
+        p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)
+        return self._merge_heads(p @ v) @ self.w_o
+
+
+ATTENTIONS = {"l2": L2MultiheadAttention, "lipnorm": LipNormAttention, "dot": DotProductAttention}
+
+
+def make_attention(kind: str, channels: int, heads: int = 4) -> nn.Module:
+    """Build an attention layer by name: ``"l2"``, ``"lipnorm"`` or ``"dot"`` (ablation)."""
+    if kind not in ATTENTIONS:
+        raise ValueError(f"unknown attention {kind!r}; choose one of {sorted(ATTENTIONS)} or None")
+    return ATTENTIONS[kind](channels, heads)

@@ -1,0 +1,76 @@
+"""The contractive residual block ``y = x + g(x)`` with ``Lip(g) < 1`` (paper eq. 3)."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ._checks import check_finite, check_tensor
+from .fixed_point import FixedPointInfo, fixed_point_solve
+from .logdet import LogdetEstimator, logdet_estimate
+from .spectral_norm import frozen_power_iteration
+
+
+def lipschitz_bound(module: nn.Module) -> float:
+    """Certified Lipschitz bound of a layer (``module.lipschitz_bound()``), as a float."""
+    if not hasattr(module, "lipschitz_bound"):
+        raise TypeError(f"{type(module).__name__} does not report a Lipschitz bound (no lipschitz_bound())")
+    return float(module.lipschitz_bound())
+
+
+class LipschitzChain(nn.Sequential):
+    """Composition of layers; its certified bound is the product of theirs."""
+
+    def lipschitz_bound(self) -> float:
+        return math.prod(lipschitz_bound(m) for m in self)
+
+
+class ContractiveBlock(nn.Module):
+    """``y = x + g(x)``: log-det by ``estimator``, inverse by Banach fixed-point iteration.
+
+    Args:
+        g: residual branch reporting ``lipschitz_bound()``; construction fails if it is >= 1
+            unless ``allow_uncertified`` (only for ablations such as plain dot-product attention).
+        estimator: log-det estimator settings (``LogdetEstimator``) or a method name.
+        tol, max_iter, on_fail: defaults of ``inverse`` (see ``fixed_point_solve``).
+    """
+
+    def __init__(self, g: nn.Module, estimator: Union[LogdetEstimator, str] = "roulette",
+                 tol: float = 1e-6, max_iter: int = 500, on_fail: str = "warn",
+                 allow_uncertified: bool = False) -> None:
+        super().__init__()
+        self.g = g
+        self.estimator = LogdetEstimator(method=estimator) if isinstance(estimator, str) else estimator
+        self.tol, self.max_iter, self.on_fail = tol, max_iter, on_fail
+        bound = lipschitz_bound(g)
+        if not bound < 1.0:
+            if not allow_uncertified:
+                raise ValueError(f"residual branch has certified Lipschitz bound {bound:.4g} >= 1: "
+                                 f"the block would not be invertible")
+            warnings.warn(f"residual branch is not certified contractive (bound {bound:.4g}); "
+                          f"inverse and log-det may be wrong", RuntimeWarning, stacklevel=2)
+
+    def lipschitz_bound(self) -> float:
+        """Certified Lipschitz bound of ``g`` (must be < 1)."""
+        return lipschitz_bound(self.g)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(x + g(x), log det(I + J_g(x)))``, the log-det per sample."""
+        check_tensor(x, "x")
+        check_finite(x, "x")
+        est = self.estimator if self.training else self.estimator.evaluation()
+        gx, logdet = logdet_estimate(self.g, x, est, training=self.training)
+        return x + gx, logdet
+
+    def inverse(self, y: torch.Tensor, tol: Optional[float] = None, max_iter: Optional[int] = None,
+                on_fail: Optional[str] = None, return_info: bool = False
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, FixedPointInfo]]:
+        """Solve ``x + g(x) = y`` per sample; non-convergence is warned about or raised."""
+        with frozen_power_iteration():
+            x, info = fixed_point_solve(self.g, y, tol=self.tol if tol is None else tol,
+                                        max_iter=self.max_iter if max_iter is None else max_iter,
+                                        on_fail=self.on_fail if on_fail is None else on_fail)
+        return (x, info) if return_info else x

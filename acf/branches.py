@@ -1,0 +1,87 @@
+"""Residual branches ``g`` of the three contractive flows, optionally carrying attention.
+
+Each builder returns a module with ``lipschitz_bound()``: the product of its layers' certified
+bounds (spectral norms of the normalised convolutions; activations and the normalised attention
+contribute 1). The attention layer sits between the convolutions, after the first one (paper fig. 2).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .activations import CLipSwish, make_activation
+from .attention import make_attention
+from .block import LipschitzChain
+from .spectral_norm import SpectralConv2d
+
+
+def _conv_stack(channels: int, hidden: int, input_hw: tuple[int, int], kernels: Sequence[int], coeff: float,
+                activation: str, preactivation: bool, attention: Optional[str], heads: int) -> LipschitzChain:
+    widths = [channels] + [hidden] * (len(kernels) - 1) + [channels]
+    layers: list[nn.Module] = []
+    for i, k in enumerate(kernels):
+        if preactivation or i > 0:
+            layers.append(make_activation(activation))
+        if i == 1 and attention is not None:
+            layers.append(make_attention(attention, widths[i], heads))
+        layers.append(SpectralConv2d(widths[i], widths[i + 1], k, input_hw, coeff=coeff))
+    return LipschitzChain(*layers)
+
+
+def iresnet_branch(channels: int, input_hw: tuple[int, int], hidden: int = 32, coeff: float = 0.97,
+                   attention: Optional[str] = None, heads: int = 4,
+                   kernels: Sequence[int] = (3, 1, 3)) -> LipschitzChain:
+    """i-ResNet ``g = W3 . ELU . W2 . ELU . [SA] . W1`` (3-1-3 convolutions, Behrmann et al. 2019)."""
+    return _conv_stack(channels, hidden, input_hw, kernels, coeff, "elu", False, attention, heads)
+
+
+def resflow_branch(channels: int, input_hw: tuple[int, int], hidden: int = 32, coeff: float = 0.97,
+                   attention: Optional[str] = None, heads: int = 4,
+                   kernels: Sequence[int] = (3, 1, 3)) -> LipschitzChain:
+    """Residual Flow ``g = W3 . LS . W2 . LS . [SA] . W1 . LS`` with LipSwish (Chen et al. 2019)."""
+    return _conv_stack(channels, hidden, input_hw, kernels, coeff, "lipswish", True, attention, heads)
+
+
+class DenseLayer(nn.Module):
+    """``h(x) = [eta1 x ; eta2 CLipSwish(W x)]`` with ``eta1^2 + eta2^2 = c^2`` (i-DenseNet).
+
+    ``Lip(h)^2 <= eta1^2 + eta2^2 ||W||^2`` (the two parts are orthogonal blocks), so ``Lip(h) <= c``.
+    """
+
+    def __init__(self, channels: int, growth: int, input_hw: tuple[int, int], coeff: float) -> None:
+        super().__init__()
+        if growth % 2:
+            raise ValueError(f"growth must be even (CLipSwish doubles channels), got {growth}")
+        self.conv = SpectralConv2d(channels, growth // 2, 3, input_hw, coeff=coeff)
+        self.act = CLipSwish()
+        self.coeff = coeff
+        self.theta = nn.Parameter(torch.tensor(math.pi / 4))  # eta1 = c cos(theta), eta2 = c sin(theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eta1, eta2 = self.coeff * torch.cos(self.theta), self.coeff * torch.sin(self.theta)
+        return torch.cat([eta1 * x, eta2 * self.act(self.conv(x))], dim=1)
+
+    @torch.no_grad()
+    def lipschitz_bound(self) -> float:
+        eta1, eta2 = self.coeff * math.cos(float(self.theta)), self.coeff * math.sin(float(self.theta))
+        return math.sqrt(eta1**2 + (eta2 * float(self.conv.lipschitz_bound())) ** 2)
+
+
+def idensenet_branch(channels: int, input_hw: tuple[int, int], growth: int = 16, depth: int = 3,
+                     coeff: float = 0.97, attention: Optional[str] = None, heads: int = 4) -> LipschitzChain:
+    """invertible DenseNet ``g = W_out . [SA] . h_depth ... h_1`` (Perugachi-Diaz et al. 2021)."""
+    layers: list[nn.Module] = []
+    width = channels
+    for _ in range(depth):
+        layers.append(DenseLayer(width, growth, input_hw, coeff))
+        width += growth
+    if attention is not None:
+        layers.append(make_attention(attention, width, heads))
+    layers.append(SpectralConv2d(width, channels, 1, input_hw, coeff=coeff))
+    return LipschitzChain(*layers)
+
+
+BRANCHES = {"iresnet": iresnet_branch, "resflow": resflow_branch, "idensenet": idensenet_branch}

@@ -1,0 +1,140 @@
+"""Flow plumbing: ActNorm, squeeze, logit transform, dequantisation, and the sequential container.
+
+Every flow layer maps ``x -> (y, logdet)`` with the log-det per sample, and has ``inverse(y)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_finite, check_image, check_tensor
+from .block import ContractiveBlock
+
+
+def _zeros(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine ``y = (x + b) * exp(s)`` initialised from the first batch (Kingma & Dhariwal 2018)
+    so that ``y`` has zero mean and unit variance per channel. ``log det = H W sum_c s_c``."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.channels, self.eps = channels, eps
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _init(self, x: torch.Tensor) -> None:
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False) if x[:, 0].numel() > 1 else torch.ones_like(mean)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + self.eps))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_image(x, self.channels)
+        if not bool(self.initialized):
+            self._init(x)
+        y = (x + self.bias) * torch.exp(self.log_scale)
+        return y, _zeros(x) + self.log_scale.sum() * x.shape[2] * x.shape[3]
+
+    def inverse(self, y: torch.Tensor, **_: object) -> torch.Tensor:
+        check_image(y, self.channels)
+        return y * torch.exp(-self.log_scale) - self.bias
+
+
+class Squeeze(nn.Module):
+    """Space-to-depth by ``factor`` (pixel-unshuffle): ``(C, H, W) -> (C f^2, H/f, W/f)``; log-det 0."""
+
+    def __init__(self, factor: int = 2) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_tensor(x, "x", ndim=4)
+        if x.shape[2] % self.factor or x.shape[3] % self.factor:
+            raise ValueError(f"squeeze by {self.factor} needs H and W divisible by it, got shape {tuple(x.shape)}")
+        return F.pixel_unshuffle(x, self.factor), _zeros(x)
+
+    def inverse(self, y: torch.Tensor, **_: object) -> torch.Tensor:
+        return F.pixel_shuffle(y, self.factor)
+
+
+class LogitTransform(nn.Module):
+    """``y = logit(alpha + (1 - 2 alpha) x)`` for ``x`` in ``[0, 1]`` (Dinh et al. 2017).
+
+    ``log |dy/dx| = log(1 - 2 alpha) - log s - log(1 - s)`` per element, ``s = alpha + (1 - 2 alpha) x``.
+    """
+
+    def __init__(self, alpha: float = 1e-6) -> None:
+        super().__init__()
+        if not 0.0 <= alpha < 0.5:
+            raise ValueError(f"alpha must be in [0, 0.5), got {alpha}")
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_tensor(x, "x")
+        s = self.alpha + (1 - 2 * self.alpha) * x
+        y = torch.log(s) - torch.log1p(-s)
+        logdet = (math.log(1 - 2 * self.alpha) - torch.log(s) - torch.log1p(-s)).flatten(1).sum(1)
+        return y, logdet
+
+    def inverse(self, y: torch.Tensor, **_: object) -> torch.Tensor:
+        return (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
+
+
+def uniform_dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(x * 255 + u) / 256`` with ``u ~ U[0, 1)``: 8-bit images in ``[0, 1]`` to continuous ``[0, 1)``."""
+    u = torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    return (x * 255.0 + u) / 256.0
+
+
+def standard_normal_logprob(z: torch.Tensor) -> torch.Tensor:
+    """``log N(z; 0, I)`` summed per sample."""
+    return (-0.5 * (z**2 + math.log(2 * math.pi))).flatten(1).sum(1)
+
+
+def bits_per_dim(logp: torch.Tensor, dims: int, n_bins: int = 256) -> torch.Tensor:
+    """``-(log p(x) - D log n_bins) / (D log 2)`` for ``log p`` of data dequantised to ``[0, 1)``."""
+    return -(logp - dims * math.log(n_bins)) / (dims * math.log(2.0))
+
+
+class SequentialFlow(nn.Module):
+    """Chain of flow layers: ``forward(x) -> (z, logdet)``, ``inverse(z)``."""
+
+    def __init__(self, layers: Iterable[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_tensor(x, "x")
+        check_finite(x, "x")
+        logdet = _zeros(x)
+        for layer in self.layers:
+            x, ld = layer(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, z: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        """Invert layer by layer; ``kwargs`` (``tol``, ``max_iter``, ``on_fail``) reach the residual blocks."""
+        check_tensor(z, "z")
+        check_finite(z, "z")
+        for layer in reversed(self.layers):
+            z = layer.inverse(z, **kwargs)
+        return z
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x) = log N(f(x)) + log |det J_f(x)|`` per sample."""
+        z, logdet = self(x)
+        return standard_normal_logprob(z) + logdet
+
+    def lipschitz_bounds(self) -> list[float]:
+        """Certified bound of every residual branch, in order."""
+        return [m.lipschitz_bound() for m in self.modules() if isinstance(m, ContractiveBlock)]

@@ -1,0 +1,194 @@
+"""Functional core of ACF: L2 self-attention with keys tied to queries.
+
+For each batch element and head, with queries ``q`` (N x d) and values ``v`` (N x e)::
+
+    P_ij = softmax_j( -scale * ||q_i - q_j||^2 )                      (paper eq. 9-10, Kim et al. 2021)
+    out_i = sum_j P_ij v_j
+
+Softmax is invariant to a per-row constant, so the logits equal ``scale * (2 q_i.q_j - ||q_j||^2)``:
+dot-product attention with K = Q and a per-key bias. ``l2_attention_reference`` materialises P
+and is the reference every fast backend is tested against.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from ._checks import check_tensor
+
+Backend = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def l2_attention_reference(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Materialised L2 attention (eq. 9-10): ``softmax(-scale * ||q_i - q_j||^2) @ v``.
+
+    Pure PyTorch, differentiable to any order. The squared norms are accumulated in at least
+    float32 so that half-precision inputs do not lose the per-key bias.
+    """
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qa = q.to(acc)
+    sq = (qa * qa).sum(-1)  # ||q_j||^2, (B, H, N)
+    logits = scale * (2.0 * qa @ qa.transpose(-1, -2) - sq.unsqueeze(-2))
+    p = torch.softmax(logits, dim=-1)
+    return (p @ v.to(acc)).to(v.dtype)
+
+
+def _augment(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augmented vectors with ``qa_i . ka_j = 2 q_i.q_j - ||q_j||^2``: ``qa = [2q, 1]``,
+    ``ka = [q, -||q||^2]``, zero-padded to a multiple of 8 (what fused SDPA kernels want).
+    ``||q||^2`` is summed in at least fp32, then rounded to q's dtype (in bf16/fp16 that rounding
+    perturbs the logits by up to ``scale * ||q||^2 * 2^-9``: a limit of this baseline)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    sq = q.to(acc).pow(2).sum(-1, keepdim=True).to(q.dtype)
+    pad = (-(q.shape[-1] + 1)) % 8
+    zeros = q.new_zeros(*q.shape[:-1], pad)
+    qa = torch.cat([2.0 * q, torch.ones_like(sq), zeros], dim=-1)
+    ka = torch.cat([q, -sq, zeros], dim=-1)
+    return qa, ka
+
+
+def _sdpa_graph(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    qa, ka = _augment(q)
+    return torch.nn.functional.scaled_dot_product_attention(qa, ka, v, scale=scale)
+
+
+class _SDPAFirstOrder(torch.autograd.Function):
+    """SDPA on augmented vectors with a first-order backward only.
+
+    The forward keeps SDPA's own (O(N) memory) graph on detached inputs; the backward runs it.
+    Differentiating the backward again (``create_graph=True``) raises: PyTorch's fused SDPA
+    backwards are not differentiable, and silently dropping the second-order term would be wrong.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        with torch.enable_grad():
+            qd = q.detach().requires_grad_(ctx.needs_input_grad[0])
+            vd = v.detach().requires_grad_(ctx.needs_input_grad[1])
+            out = _sdpa_graph(qd, vd, scale)
+        ctx.inner = (qd, vd, out)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "l2_attention backend 'sdpa' is first-order only: its backward cannot be "
+                "differentiated (create_graph=True / double backward). Use backend='triton' "
+                "(CUDA) or 'reference', or backend='auto' (which never picks 'sdpa')."
+            )
+        qd, vd, out = ctx.inner
+        wanted = [t for t in (qd, vd) if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, g, retain_graph=True))
+        dq = next(grads) if qd.requires_grad else None
+        dv = next(grads) if vd.requires_grad else None
+        return dq, dv, None
+
+
+def l2_attention_sdpa(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """L2 attention through ``scaled_dot_product_attention`` on augmented vectors (first order)."""
+    if torch.is_grad_enabled() and (q.requires_grad or v.requires_grad):
+        return _SDPAFirstOrder.apply(q, v, scale)
+    return _sdpa_graph(q, v, scale)
+
+
+def l2_attention_triton(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Fused Triton kernels (``acf.kernels.l2_attention``), differentiable twice."""
+    from .kernels.l2_attention import l2_attention_triton as fused  # imports triton lazily
+
+    return fused(q, v, scale)
+
+
+_BACKENDS: dict[str, Backend] = {
+    "reference": l2_attention_reference,
+    "sdpa": l2_attention_sdpa,
+    "triton": l2_attention_triton,
+}
+
+
+def register_backend(name: str, fn: Backend) -> None:
+    """Register a fast implementation (Triton, SDPA, ...) under ``name``."""
+    _BACKENDS[name] = fn
+
+
+def triton_available() -> bool:
+    """True if Triton and the fused kernels import (cached)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            from .kernels import l2_attention as _  # noqa: F401
+
+            _TRITON_OK = True
+        except Exception:  # no triton, or a triton too old for the kernels
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+_TRITON_OK: Optional[bool] = None
+_TRITON_MAX_HEAD_DIM = 128
+
+
+def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
+    """The rule behind ``backend="auto"``.
+
+    * CUDA: ``"triton"`` (fused forward, VJP and double VJP) when Triton imports, the dtype is
+      fp16/bf16/fp32/fp64 and both head dims are <= 128; otherwise ``"reference"``.
+    * Anywhere else (CPU): ``"reference"``. ``"sdpa"`` is never chosen automatically: it is
+      first-order only and, at forward time, nothing tells whether the caller will differentiate
+      a VJP later (the Neumann log-det gradient does, with ``create_graph=True``). Measured on
+      2 CPU cores (torch 2.13), the reference is also the faster of the two, forward alone and
+      forward + VJP, e.g. (B, H, N, d) = (64, 4, 196, 16): 152 vs 243 ms forward, 352 vs 432 ms
+      forward + VJP; (8, 4, 1024, 16): 349 vs 432 ms, 792 vs 804 ms. The Triton interpreter is far
+      slower still, so ``"triton"`` on CPU is only for tests (``TRITON_INTERPRET=1``, forced).
+    * Derivative orders: reference any order; triton two (a third raises); sdpa one (a second
+      raises). ``auto`` therefore always supports the second order a training step needs.
+    """
+    if (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        and max(q.shape[-1], v.shape[-1]) <= _TRITON_MAX_HEAD_DIM
+        and triton_available()
+    ):
+        return "triton"
+    return "reference"
+
+
+def _select_backend(q: torch.Tensor, backend: str, v: Optional[torch.Tensor] = None) -> Backend:
+    if backend == "auto":
+        return _BACKENDS[_auto_backend(q, q if v is None else v)]
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown l2_attention backend {backend!r}; available: {sorted(_BACKENDS)} or 'auto'")
+    return _BACKENDS[backend]
+
+
+def l2_attention(
+    q: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, backend: str = "auto"
+) -> torch.Tensor:
+    """L2 self-attention with tied keys on ``(batch, heads, N, d)`` tensors (eq. 9-10).
+
+    Args:
+        q: queries, which are also the keys, shape ``(B, H, N, d)``.
+        v: values, shape ``(B, H, N, e)``.
+        scale: logit scale; defaults to ``1 / sqrt(d)``.
+        backend: ``"auto"`` (see ``_auto_backend``: Triton on CUDA, the reference elsewhere), or
+            ``"triton"`` (fused kernels, differentiable twice), ``"sdpa"`` (PyTorch SDPA on
+            augmented vectors, first order only) or ``"reference"`` (materialises P, any order).
+
+    Returns:
+        ``(B, H, N, e)`` tensor ``softmax(-scale * ||q_i - q_j||^2) @ v``.
+    """
+    check_tensor(q, "q", ndim=4)
+    check_tensor(v, "v", ndim=4)
+    if q.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"q and v must agree in (batch, heads, N): got q {tuple(q.shape)} and v {tuple(v.shape)}"
+        )
+    if q.dtype != v.dtype:
+        raise TypeError(f"q and v must share a dtype: got {q.dtype} and {v.dtype}")
+    if q.device != v.device:
+        raise ValueError(f"q and v must be on the same device: got {q.device} and {v.device}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return _select_backend(q, backend, v)(q, v, float(scale))

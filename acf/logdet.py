@@ -1,0 +1,247 @@
+"""Log-determinant of ``y = x + g(x)`` (paper eq. 6-7; Behrmann et al. 2019; Chen et al. 2019).
+
+    log det(I + J_g) = sum_{k>=1} (-1)^{k+1} / k * tr(J_g^k)                       (eq. 6)
+
+``tr(J^k)`` is estimated with Hutchinson's estimator ``E_v[v^T J^k v]``; ``w_k^T = v^T J^k`` costs k
+vector-Jacobian products (VJPs) of one graph of ``g``:
+
+* ``"series"`` (i-ResNet): the first ``n_terms`` terms (biased).
+* ``"roulette"`` (Residual Flows): draw ``N ~ Poisson(lam)`` or ``Geometric(p)``, compute
+  ``n_exact + N`` terms and weight term ``k > n_exact`` by ``1 / P(N >= k - n_exact)``: unbiased.
+* ``"exact"``: brute-force Jacobian, for small inputs and tests.
+
+Gradients (``grad``):
+
+* ``"backprop"``: differentiate through every VJP (memory grows with the number of terms).
+* ``"neumann"``: ``d log det = E[(sum_{k>=0} (-1)^k w_k^T) (dJ) v]`` (Chen et al. 2019, eq. 8): the VJPs run
+  without a graph, then ONE differentiable VJP (``create_graph=True``) carries the gradient.
+* ``"memory_efficient"``: the Neumann gradient computed inside the forward pass (backprop-in-
+  forward); the log-det keeps no graph, only the gradients it already produced.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+GFunc = Callable[[torch.Tensor], torch.Tensor]
+
+METHODS = ("exact", "series", "roulette")
+GRADS = ("backprop", "neumann", "memory_efficient")
+
+
+@dataclass(frozen=True)
+class LogdetEstimator:
+    """Settings of the log-det estimator of one residual block."""
+
+    method: str = "roulette"
+    n_terms: int = 8               # "series": number of terms
+    dist: str = "poisson"          # "roulette": "poisson" or "geometric"
+    lam: float = 2.0               # Poisson rate
+    p: float = 0.5                 # Geometric success probability
+    n_exact: int = 2               # "roulette": terms always computed in training ...
+    n_exact_eval: int = 20         # ... and in evaluation
+    probe: str = "gaussian"        # Hutchinson probe: "gaussian" or "rademacher"
+    n_probes: int = 1
+    grad: Optional[str] = None     # None: "backprop" for series, "neumann" for roulette
+    max_exact_dim: int = 4096      # "exact": largest per-sample dimension allowed
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+            (self.dist in ("poisson", "geometric"), f"dist must be 'poisson' or 'geometric', got {self.dist!r}"),
+            (self.probe in ("gaussian", "rademacher"), f"probe must be 'gaussian' or 'rademacher', got {self.probe!r}"),
+            (self.grad is None or self.grad in GRADS, f"grad must be one of {GRADS}, got {self.grad!r}"),
+            (self.n_terms >= 1 and self.n_probes >= 1, "n_terms and n_probes must be >= 1"),
+            (self.n_exact >= 0 and self.n_exact_eval >= 0, "n_exact and n_exact_eval must be >= 0"),
+            (self.lam > 0 and 0 < self.p < 1, f"need lam > 0 and 0 < p < 1, got lam={self.lam}, p={self.p}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"LogdetEstimator: {msg}")
+
+    @property
+    def grad_mode(self) -> str:
+        return self.grad or ("neumann" if self.method == "roulette" else "backprop")
+
+    def evaluation(self) -> "LogdetEstimator":
+        """The same estimator with the evaluation number of exact terms."""
+        return replace(self, n_exact=self.n_exact_eval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Russian roulette
+# ---------------------------------------------------------------------------------------------
+
+def survival(dist: str, m: int, lam: float = 2.0, p: float = 0.5) -> float:
+    """``P(N >= m)`` for ``N ~ Poisson(lam)`` or ``N ~ Geometric(p)`` on ``{0, 1, ...}``."""
+    if m <= 0:
+        return 1.0
+    if dist == "geometric":
+        return (1.0 - p) ** m
+    cdf = sum(math.exp(-lam) * lam**i / math.factorial(i) for i in range(m))
+    return max(1.0 - cdf, 1e-300)
+
+
+def term_weights(est: LogdetEstimator, training: bool = True,
+                 generator: Optional[torch.Generator] = None) -> list[float]:
+    """Coefficients ``c_k`` (k = 1..K) of ``log det ~= sum_k c_k v^T J^k v`` for one draw."""
+    if est.method == "series":
+        return [(-1) ** (k + 1) / k for k in range(1, est.n_terms + 1)]
+    n_exact = est.n_exact if training else est.n_exact_eval
+    if est.dist == "poisson":
+        n = int(torch.poisson(torch.tensor(float(est.lam)), generator=generator))
+    else:
+        u = float(torch.rand((), generator=generator))
+        n = int(math.floor(math.log1p(-u) / math.log1p(-est.p)))  # failures before a success
+    return [(-1) ** (k + 1) / k / survival(est.dist, k - n_exact, est.lam, est.p)
+            for k in range(1, n_exact + n + 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators
+# ---------------------------------------------------------------------------------------------
+
+def _probe(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "gaussian":
+        return torch.randn_like(x)
+    return torch.randint_like(x, 2).mul_(2).sub_(1)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).flatten(1).sum(1)
+
+
+def _vjp(gx: torch.Tensor, x: torch.Tensor, w: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    (out,) = torch.autograd.grad(gx, x, w, retain_graph=True, create_graph=create_graph)
+    return out
+
+
+def exact_logdet(g: GFunc, x: torch.Tensor, create_graph: bool = False,
+                 max_dim: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute-force ``log det(I + J_g(x))`` per sample from the full Jacobian (D VJPs).
+
+    Returns ``(g(x), logdet)``; differentiable when ``create_graph``.
+    """
+    dim = x[0].numel()
+    if dim > max_dim:
+        raise ValueError(f"exact log-det needs the full {dim}x{dim} Jacobian per sample; "
+                         f"it is meant for small inputs (at most {max_dim} dimensions)")
+    gx = g(x)
+    flat = gx.reshape(x.shape[0], dim)
+    rows = [torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True, create_graph=create_graph)[0]
+            for i in range(dim)]
+    jac = torch.stack([r.reshape(x.shape[0], dim) for r in rows], dim=1)  # (B, D_out, D_in)
+    eye = torch.eye(dim, dtype=jac.dtype, device=jac.device)
+    sign, logabs = torch.linalg.slogdet(eye + jac)
+    if bool((sign <= 0).any()):
+        raise ValueError("det(I + J_g) <= 0: g is not contractive at this input")
+    return gx, logabs
+
+
+def _series(gx: torch.Tensor, x: torch.Tensor, v: torch.Tensor, weights: Sequence[float],
+            create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_k c_k w_k^T v`` and the Neumann vector ``sum_{k>=0} (-1)^k r_{k+1} w_k``.
+
+    ``r_k = |c_k| k`` is the roulette reweighting of term k, so Neumann term k is the derivative
+    of log-series term k + 1.
+    """
+    logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    neumann = v * abs(weights[0])
+    w = v
+    for k, c in enumerate(weights, start=1):
+        w = _vjp(gx, x, w, create_graph=create_graph)
+        logdet = logdet + c * _dot(w, v)
+        if k < len(weights) and not create_graph:
+            neumann = neumann + (-1) ** k * abs(weights[k]) * (k + 1) * w
+    return logdet, neumann
+
+
+def _neumann_logdet(gx: torch.Tensor, x: torch.Tensor, est: LogdetEstimator,
+                    weights: Sequence[float]) -> torch.Tensor:
+    """Log-det value with the Neumann gradient attached (value + surrogate - surrogate.detach())."""
+    total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for _ in range(est.n_probes):
+        v = _probe(x, est.probe)
+        value, neumann = _series(gx, x, v, weights, create_graph=False)
+        surrogate = _dot(_vjp(gx, x, neumann.detach(), create_graph=True), v)
+        total = total + value.detach() + surrogate - surrogate.detach()
+    return total / est.n_probes
+
+
+def _backprop_logdet(gx: torch.Tensor, x: torch.Tensor, est: LogdetEstimator,
+                     weights: Sequence[float], create_graph: bool) -> torch.Tensor:
+    total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for _ in range(est.n_probes):
+        value, _ = _series(gx, x, _probe(x, est.probe), weights, create_graph=create_graph)
+        total = total + value
+    return total / est.n_probes
+
+
+class _LogdetInForward(torch.autograd.Function):
+    """Backprop-in-forward: log-det gradients are computed in the forward pass, no graph kept.
+
+    The parameter gradient is stored summed over the batch, so the backward needs the same
+    upstream gradient for every sample's log-det (true for any mean or sum of log-likelihoods).
+    """
+
+    @staticmethod
+    def forward(ctx, x, g, est, weights, *params):
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            gx = g(x_)
+            logdet = _neumann_logdet(gx, x_, est, weights)
+            grads = torch.autograd.grad(logdet.sum(), [x_, *params], retain_graph=True, allow_unused=True)
+        ctx.x, ctx.gx, ctx.params, ctx.ld_grads = x_, gx, params, grads
+        return gx.detach(), logdet.detach()
+
+    @staticmethod
+    def backward(ctx, grad_gx, grad_logdet):
+        x_, gx, params, ld_grads = ctx.x, ctx.gx, ctx.params, ctx.ld_grads
+        w = grad_logdet.flatten()
+        if not torch.allclose(w, w[:1].expand_as(w)):
+            raise RuntimeError("grad='memory_efficient' needs the same upstream gradient for every sample's "
+                               "log-det (a mean or sum of log-likelihoods); use grad='neumann' otherwise")
+        with torch.enable_grad():
+            g_grads = torch.autograd.grad(gx, [x_, *params], grad_gx, allow_unused=True)
+        scale_x = grad_logdet.reshape((-1,) + (1,) * (x_.dim() - 1))
+        out = [g_grads[0] + ld_grads[0] * scale_x]
+        for gg, lg in zip(g_grads[1:], ld_grads[1:]):
+            parts = [t for t in (gg, None if lg is None else lg * w[0]) if t is not None]
+            out.append(sum(parts) if parts else None)
+        ctx.x = ctx.gx = ctx.params = ctx.ld_grads = None
+        return (out[0], None, None, None, *out[1:])
+
+
+def logdet_estimate(g: nn.Module, x: torch.Tensor, est: LogdetEstimator,
+                    training: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g(x), log det(I + J_g(x)))`` per sample with the estimator ``est``.
+
+    Gradients flow to ``x`` and to ``g``'s parameters when autograd is on; with autograd off
+    (evaluation) only the values are returned and no graph is kept.
+    """
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in g.parameters()))
+    if est.method == "exact":
+        with torch.enable_grad():
+            xin = x if (need_grad and x.requires_grad) else x.detach().requires_grad_(True)
+            gx, logdet = exact_logdet(g, xin, create_graph=need_grad, max_dim=est.max_exact_dim)
+        return (gx, logdet) if need_grad else (gx.detach(), logdet.detach())
+    weights = term_weights(est, training)
+    if not need_grad:
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            gx = g(x_)
+            logdet = _backprop_logdet(gx, x_, est, weights, create_graph=False)
+        return gx.detach(), logdet.detach()
+    mode = est.grad_mode
+    if mode == "memory_efficient":
+        params = [p for p in g.parameters() if p.requires_grad]
+        return _LogdetInForward.apply(x, g, est, weights, *params)
+    x_ = x if x.requires_grad else x.detach().requires_grad_(True)
+    gx = g(x_)
+    if mode == "neumann":
+        return gx, _neumann_logdet(gx, x_, est, weights)
+    return gx, _backprop_logdet(gx, x_, est, weights, create_graph=True)

@@ -1,0 +1,1 @@
+"""Triton kernels of ACF, installed as ``acf.kernels``."""

@@ -1,0 +1,666 @@
+"""Fused L2 self-attention with keys tied to queries: Triton kernels and autograd Functions.
+
+The math, stated once (paper eq. 9-10, Kim et al. 2021; one batch element and head; c = scale)::
+
+    s_ij  = c (2 q_i.q_j - |q_j|^2)          logits; equal to -c |q_i - q_j|^2 up to a per-row constant
+    lse_i = log sum_j exp(s_ij)               saved by the forward (fp32, fp64 for fp64 inputs)
+    P_ij  = exp(s_ij - lse_i)                 never stored: every pass recomputes it tile by tile
+    O_i   = sum_j P_ij v_j
+
+First order (given G = dL/dO)::
+
+    dP_ij = G_i.v_j          delta_i = G_i.O_i          dS_ij = P_ij (dP_ij - delta_i)
+    dv_j  = sum_i P_ij G_i
+    dq_k  = 2c [ sum_j dS_kj q_j                           (query role: q_k in row k)
+               + sum_i dS_ik q_i - (sum_i dS_ik) q_k ]     (key role: q_k in column k, incl. the
+                                                            bias -c|q_k|^2, d/dq_k = -2c q_k)
+
+Second order. ``(dq, dv)`` is the gradient of ``L = sum_i G_i.O_i`` in ``(q, v)``; for incoming
+cotangents ``(u, w)`` of ``(dq, dv)`` the double backward returns ``H (u, w)`` (H the Hessian of L,
+symmetric, so this is the forward-mode tangent of ``(dq, dv)`` in the direction ``(u, w)`` at fixed
+G) and ``dO' = J_O (u, w)`` (the tangent of O). Tangents (dotted)::
+
+    s'_ij   = 2c (u_i.q_j + q_i.u_j - q_j.u_j)      mu_i = sum_j P_ij s'_ij   (= lse'_i)
+    P'_ij   = P_ij (s'_ij - mu_i)
+    O'_i    = sum_j P_ij s'_ij v_j + P_ij w_j - mu_i O_i
+    dP'_ij  = G_i.w_j        delta'_i = G_i.O'_i
+    dS'_ij  = P'_ij (dP_ij - delta_i) + P_ij (dP'_ij - delta'_i)
+    dv'_j   = sum_i P'_ij G_i
+    dq'_k   = 2c [ sum_j (dS'_kj q_j + dS_kj u_j) + sum_i (dS'_ik q_i + dS_ik u_i)
+                   - (sum_i dS'_ik) q_k - (sum_i dS_ik) u_k ]
+
+Route for the second order: fused. The backward is itself an autograd Function
+(``_L2AttentionBackward``) whose backward runs three more flash-style kernels (a row pass for O',
+mu, delta'; a column pass for dv' and the key role of dq'; a row pass for the query role of dq').
+Extra memory: O(B H N (d + e)) (the tangent O', and mu, delta' per row), never N x N.
+Third and higher order derivatives are not provided (the double backward is once-differentiable
+and says so if differentiated again).
+
+Kernel layout: inputs of any strides on (B, H, N, d) / (B, H, N, e); one program per block of
+rows (or columns) of one (batch, head); head dims padded to a power of two >= 16 by masking;
+any N by masking. fp32 inputs use ``input_precision`` "ieee" (exact fp32 products) or "tf32";
+bf16/fp16 inputs accumulate in fp32; fp64 inputs compute in fp64 throughout.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+MAX_HEAD_DIM = 128
+INTERPRET_BLOCK = 64  # tile size under TRITON_INTERPRET=1
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels. Pointers are offset to one (batch, head) first; a program owns BLOCK_M rows
+# (row passes) or BLOCK_N columns (column passes) of that head and loops over all the others.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _head_offset(pid, n_blocks, H, sb, sh):
+    """Program id -> (block start index, element offset of its (batch, head))."""
+    bh = pid // n_blocks
+    blk = pid % n_blocks
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return blk, b * sb + h * sh
+
+
+@triton.jit
+def _rows(ptr, offs, cols, s_n, s_c, n_rows, n_cols):
+    """Load a (len(offs), len(cols)) tile, zero outside (n_rows, n_cols)."""
+    mask = (offs[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + offs[:, None] * s_n + cols[None, :] * s_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _cols(ptr, offs, cols, s_n, s_c, n_rows, n_cols):
+    """Load the transposed tile (len(cols), len(offs)), zero outside."""
+    mask = (offs[None, :] < n_rows) & (cols[:, None] < n_cols)
+    return tl.load(ptr + offs[None, :] * s_n + cols[:, None] * s_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, V, O, LSE,
+    sqb, sqh, sqn, sqd, svb, svh, svn, sve, sob, soh, son, soe,
+    H, N, D, E, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    n_blocks = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    blk, qo = _head_offset(pid, n_blocks, H, sqb, sqh)
+    _, vo = _head_offset(pid, n_blocks, H, svb, svh)
+    _, oo = _head_offset(pid, n_blocks, H, sob, soh)
+    bh = (pid // n_blocks).to(tl.int64)
+    Q += qo
+    V += vo
+    O += oo
+    LSE += bh * N
+    ACC = LSE.dtype.element_ty
+
+    offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    q = _rows(Q, offs_m, offs_d, sqn, sqd, N, D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = _cols(Q, offs_n, offs_d, sqn, sqd, N, D)
+        kf = kT.to(ACC)
+        sq = tl.sum(kf * kf, 0)  # |q_j|^2 in fp32 (fp64)
+        qk = tl.dot(q, kT, input_precision=PRECISION, out_dtype=ACC)
+        s = scale * (2.0 * qk - sq[None, :])
+        s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vb = _rows(V, offs_n, offs_e, svn, sve, N, E)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION, out_dtype=ACC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    mask_m = offs_m < N
+    tl.store(LSE + offs_m, m_i + tl.log(l_i), mask=mask_m)
+    o_ptr = O + offs_m[:, None] * son + offs_e[None, :] * soe
+    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & (offs_e[None, :] < E))
+
+
+@triton.jit
+def _bwd_col_kernel(
+    Q, V, DO, LSE, DELTA, DV, DQK,
+    sqb, sqh, sqn, sqd, svb, svh, svn, sve, sgb, sgh, sgn, sge, sdvb, sdvh, sdvn, sdve,
+    H, N, D, E, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Columns j of one head: dv_j and the key role of dq_j (written to the fp32 DQK buffer)."""
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    blk, qo = _head_offset(pid, n_blocks, H, sqb, sqh)
+    _, vo = _head_offset(pid, n_blocks, H, svb, svh)
+    _, go = _head_offset(pid, n_blocks, H, sgb, sgh)
+    _, dvo = _head_offset(pid, n_blocks, H, sdvb, sdvh)
+    bh = (pid // n_blocks).to(tl.int64)
+    Q += qo
+    V += vo
+    DO += go
+    DV += dvo
+    LSE += bh * N
+    DELTA += bh * N
+    DQK += bh * N * BLOCK_D
+    ACC = LSE.dtype.element_ty
+
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    k = _rows(Q, offs_n, offs_d, sqn, sqd, N, D)
+    kf = k.to(ACC)
+    sq = tl.sum(kf * kf, 1)
+    vj = _rows(V, offs_n, offs_e, svn, sve, N, E)
+    mask_n = offs_n < N
+
+    dv = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    cs = tl.zeros([BLOCK_N], dtype=ACC)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        qT = _cols(Q, offs_m, offs_d, sqn, sqd, N, D)
+        g = _rows(DO, offs_m, offs_e, sgn, sge, N, E)
+        lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
+        sT = scale * (2.0 * tl.dot(k, qT, input_precision=PRECISION, out_dtype=ACC) - sq[:, None])
+        pT = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp(sT - lse[None, :]), 0.0)
+        dv += tl.dot(pT.to(g.dtype), g, input_precision=PRECISION, out_dtype=ACC)
+        dpT = tl.dot(vj, tl.trans(g), input_precision=PRECISION, out_dtype=ACC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION, out_dtype=ACC)
+        cs += tl.sum(dsT, 1)
+    dqk = (2.0 * scale) * (dk - cs[:, None] * kf)
+    tl.store(DQK + offs_n[:, None] * BLOCK_D + offs_d[None, :], dqk, mask=mask_n[:, None])
+    dv_ptr = DV + offs_n[:, None] * sdvn + offs_e[None, :] * sdve
+    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=mask_n[:, None] & (offs_e[None, :] < E))
+
+
+@triton.jit
+def _bwd_row_kernel(
+    Q, V, DO, LSE, DELTA, DQK, DQ,
+    sqb, sqh, sqn, sqd, svb, svh, svn, sve, sgb, sgh, sgn, sge, sdqb, sdqh, sdqn, sdqd,
+    H, N, D, E, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Rows i of one head: the query role of dq_i, added to the key role from DQK."""
+    n_blocks = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    blk, qo = _head_offset(pid, n_blocks, H, sqb, sqh)
+    _, vo = _head_offset(pid, n_blocks, H, svb, svh)
+    _, go = _head_offset(pid, n_blocks, H, sgb, sgh)
+    _, dqo = _head_offset(pid, n_blocks, H, sdqb, sdqh)
+    bh = (pid // n_blocks).to(tl.int64)
+    Q += qo
+    V += vo
+    DO += go
+    DQ += dqo
+    LSE += bh * N
+    DELTA += bh * N
+    DQK += bh * N * BLOCK_D
+    ACC = LSE.dtype.element_ty
+
+    offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_m = offs_m < N
+    q = _rows(Q, offs_m, offs_d, sqn, sqd, N, D)
+    g = _rows(DO, offs_m, offs_e, sgn, sge, N, E)
+    lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = _cols(Q, offs_n, offs_d, sqn, sqd, N, D)
+        kf = kT.to(ACC)
+        sq = tl.sum(kf * kf, 0)
+        s = scale * (2.0 * tl.dot(q, kT, input_precision=PRECISION, out_dtype=ACC) - sq[None, :])
+        p = tl.where(offs_n[None, :] < N, tl.exp(s - lse[:, None]), 0.0)
+        vT = _cols(V, offs_n, offs_e, svn, sve, N, E)
+        dp = tl.dot(g, vT, input_precision=PRECISION, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION, out_dtype=ACC)
+    dqk = tl.load(DQK + offs_m[:, None] * BLOCK_D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+    dq = (2.0 * scale) * dq + dqk
+    dq_ptr = DQ + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd
+    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _jvp_row_kernel(
+    Q, U, V, W, O, DO, LSE, MU, DDELTA, ODOT,
+    H, N, D, E, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Second order, row pass 1: O'_i, mu_i and delta'_i (all inputs contiguous (BH, N, *))."""
+    n_blocks = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // n_blocks).to(tl.int64)
+    blk = pid % n_blocks
+    Q += bh * N * D
+    U += bh * N * D
+    V += bh * N * E
+    W += bh * N * E
+    O += bh * N * E
+    DO += bh * N * E
+    ODOT += bh * N * E
+    LSE += bh * N
+    MU += bh * N
+    DDELTA += bh * N
+    ACC = LSE.dtype.element_ty
+
+    offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_m = offs_m < N
+    q = _rows(Q, offs_m, offs_d, D, 1, N, D)
+    u = _rows(U, offs_m, offs_d, D, 1, N, D)
+    lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+
+    mu = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = _cols(Q, offs_n, offs_d, D, 1, N, D)
+        ukT = _cols(U, offs_n, offs_d, D, 1, N, D)
+        kf = kT.to(ACC)
+        sq = tl.sum(kf * kf, 0)
+        qu = tl.sum(kf * ukT.to(ACC), 0)
+        s = scale * (2.0 * tl.dot(q, kT, input_precision=PRECISION, out_dtype=ACC) - sq[None, :])
+        p = tl.where(offs_n[None, :] < N, tl.exp(s - lse[:, None]), 0.0)
+        sd = tl.dot(u, kT, input_precision=PRECISION, out_dtype=ACC)
+        sd += tl.dot(q, ukT, input_precision=PRECISION, out_dtype=ACC)
+        sd = (2.0 * scale) * (sd - qu[None, :])
+        ps = p * sd
+        mu += tl.sum(ps, 1)
+        vb = _rows(V, offs_n, offs_e, E, 1, N, E)
+        wb = _rows(W, offs_n, offs_e, E, 1, N, E)
+        acc += tl.dot(ps.to(vb.dtype), vb, input_precision=PRECISION, out_dtype=ACC)
+        acc += tl.dot(p.to(wb.dtype), wb, input_precision=PRECISION, out_dtype=ACC)
+    o = _rows(O, offs_m, offs_e, E, 1, N, E).to(ACC)
+    odot = acc - mu[:, None] * o
+    g = _rows(DO, offs_m, offs_e, E, 1, N, E).to(ACC)
+    tl.store(MU + offs_m, mu, mask=mask_m)
+    tl.store(DDELTA + offs_m, tl.sum(g * odot, 1), mask=mask_m)
+    mask_o = mask_m[:, None] & (offs_e[None, :] < E)
+    tl.store(ODOT + offs_m[:, None] * E + offs_e[None, :], odot.to(ODOT.dtype.element_ty), mask=mask_o)
+
+
+@triton.jit
+def _hvp_col_kernel(
+    Q, U, V, W, DO, LSE, DELTA, MU, DDELTA, GV, GQK,
+    H, N, D, E, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Second order, column pass: dv'_j and the key role of dq'_j (fp32/fp64 buffer GQK)."""
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = (pid // n_blocks).to(tl.int64)
+    blk = pid % n_blocks
+    Q += bh * N * D
+    U += bh * N * D
+    V += bh * N * E
+    W += bh * N * E
+    DO += bh * N * E
+    GV += bh * N * E
+    GQK += bh * N * BLOCK_D
+    LSE += bh * N
+    DELTA += bh * N
+    MU += bh * N
+    DDELTA += bh * N
+    ACC = LSE.dtype.element_ty
+
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_n = offs_n < N
+    k = _rows(Q, offs_n, offs_d, D, 1, N, D)
+    uk = _rows(U, offs_n, offs_d, D, 1, N, D)
+    kf = k.to(ACC)
+    ukf = uk.to(ACC)
+    sq = tl.sum(kf * kf, 1)
+    qu = tl.sum(kf * ukf, 1)
+    vj = _rows(V, offs_n, offs_e, E, 1, N, E)
+    wj = _rows(W, offs_n, offs_e, E, 1, N, E)
+
+    gv = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
+    kacc = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    cs = tl.zeros([BLOCK_N], dtype=ACC)
+    cs2 = tl.zeros([BLOCK_N], dtype=ACC)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        qT = _cols(Q, offs_m, offs_d, D, 1, N, D)
+        uT = _cols(U, offs_m, offs_d, D, 1, N, D)
+        g = _rows(DO, offs_m, offs_e, E, 1, N, E)
+        lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
+        mu = tl.load(MU + offs_m, mask=mask_m, other=0.0)
+        ddelta = tl.load(DDELTA + offs_m, mask=mask_m, other=0.0)
+        sT = scale * (2.0 * tl.dot(k, qT, input_precision=PRECISION, out_dtype=ACC) - sq[:, None])
+        pT = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp(sT - lse[None, :]), 0.0)
+        sdT = tl.dot(k, uT, input_precision=PRECISION, out_dtype=ACC)
+        sdT += tl.dot(uk, qT, input_precision=PRECISION, out_dtype=ACC)
+        sdT = (2.0 * scale) * (sdT - qu[:, None])
+        pdT = pT * (sdT - mu[None, :])
+        dpT = tl.dot(vj, tl.trans(g), input_precision=PRECISION, out_dtype=ACC) - delta[None, :]
+        dpdT = tl.dot(wj, tl.trans(g), input_precision=PRECISION, out_dtype=ACC) - ddelta[None, :]
+        dsT = pT * dpT
+        dsdT = pdT * dpT + pT * dpdT
+        gv += tl.dot(pdT.to(g.dtype), g, input_precision=PRECISION, out_dtype=ACC)
+        kacc += tl.dot(dsdT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION, out_dtype=ACC)
+        kacc += tl.dot(dsT.to(uT.dtype), tl.trans(uT), input_precision=PRECISION, out_dtype=ACC)
+        cs += tl.sum(dsdT, 1)
+        cs2 += tl.sum(dsT, 1)
+    gqk = (2.0 * scale) * (kacc - cs[:, None] * kf - cs2[:, None] * ukf)
+    tl.store(GQK + offs_n[:, None] * BLOCK_D + offs_d[None, :], gqk, mask=mask_n[:, None])
+    mask_v = mask_n[:, None] & (offs_e[None, :] < E)
+    tl.store(GV + offs_n[:, None] * E + offs_e[None, :], gv.to(GV.dtype.element_ty), mask=mask_v)
+
+
+@triton.jit
+def _hvp_row_kernel(
+    Q, U, V, W, DO, LSE, DELTA, MU, DDELTA, GQK, GQ,
+    H, N, D, E, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Second order, row pass 2: the query role of dq'_i, added to the key role from GQK."""
+    n_blocks = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // n_blocks).to(tl.int64)
+    blk = pid % n_blocks
+    Q += bh * N * D
+    U += bh * N * D
+    V += bh * N * E
+    W += bh * N * E
+    DO += bh * N * E
+    GQ += bh * N * D
+    GQK += bh * N * BLOCK_D
+    LSE += bh * N
+    DELTA += bh * N
+    MU += bh * N
+    DDELTA += bh * N
+    ACC = LSE.dtype.element_ty
+
+    offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_m = offs_m < N
+    q = _rows(Q, offs_m, offs_d, D, 1, N, D)
+    u = _rows(U, offs_m, offs_d, D, 1, N, D)
+    g = _rows(DO, offs_m, offs_e, E, 1, N, E)
+    lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
+    mu = tl.load(MU + offs_m, mask=mask_m, other=0.0)
+    ddelta = tl.load(DDELTA + offs_m, mask=mask_m, other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = _cols(Q, offs_n, offs_d, D, 1, N, D)
+        ukT = _cols(U, offs_n, offs_d, D, 1, N, D)
+        kf = kT.to(ACC)
+        sq = tl.sum(kf * kf, 0)
+        qu = tl.sum(kf * ukT.to(ACC), 0)
+        s = scale * (2.0 * tl.dot(q, kT, input_precision=PRECISION, out_dtype=ACC) - sq[None, :])
+        p = tl.where(offs_n[None, :] < N, tl.exp(s - lse[:, None]), 0.0)
+        sd = tl.dot(u, kT, input_precision=PRECISION, out_dtype=ACC)
+        sd += tl.dot(q, ukT, input_precision=PRECISION, out_dtype=ACC)
+        sd = (2.0 * scale) * (sd - qu[None, :])
+        pd = p * (sd - mu[:, None])
+        vT = _cols(V, offs_n, offs_e, E, 1, N, E)
+        wT = _cols(W, offs_n, offs_e, E, 1, N, E)
+        dp = tl.dot(g, vT, input_precision=PRECISION, out_dtype=ACC) - delta[:, None]
+        dpd = tl.dot(g, wT, input_precision=PRECISION, out_dtype=ACC) - ddelta[:, None]
+        ds = p * dp
+        dsd = pd * dp + p * dpd
+        acc += tl.dot(dsd.to(kT.dtype), tl.trans(kT), input_precision=PRECISION, out_dtype=ACC)
+        acc += tl.dot(ds.to(ukT.dtype), tl.trans(ukT), input_precision=PRECISION, out_dtype=ACC)
+    gqk = tl.load(GQK + offs_m[:, None] * BLOCK_D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+    gq = (2.0 * scale) * acc + gqk
+    mask_q = mask_m[:, None] & (offs_d[None, :] < D)
+    tl.store(GQ + offs_m[:, None] * D + offs_d[None, :], gq.to(GQ.dtype.element_ty), mask=mask_q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(int(x)))
+
+
+def _configs(kind: str, n: int, bd: int, be: int, dtype: torch.dtype) -> list[dict]:
+    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages), first preferred; later ones are
+    smaller fallbacks used if the first runs out of shared memory or registers."""
+    if interpreting():
+        # The interpreter runs one program at a time with numpy: few, large tiles are fastest.
+        # Tests lower INTERPRET_BLOCK to make small N cross several tiles.
+        b = min(INTERPRET_BLOCK, _pow2(n))
+        return [dict(BLOCK_M=b, BLOCK_N=b, num_warps=4, num_stages=1)]
+    wide = max(bd, be)
+    if dtype == torch.float64:
+        return [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+                dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)]
+    half = dtype in (torch.float16, torch.bfloat16)
+    st = 3 if half else 2
+    w = 4 if wide <= 64 else 8
+    if kind == "fwd":
+        first = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=w, num_stages=st)]
+    elif kind == "col":  # holds BLOCK_N keys, loops over BLOCK_M queries
+        first = [dict(BLOCK_M=32, BLOCK_N=128 if half else 64, num_warps=w, num_stages=st)]
+    elif kind == "row":  # holds BLOCK_M queries, loops over BLOCK_N keys
+        first = [dict(BLOCK_M=128 if half else 64, BLOCK_N=32, num_warps=w, num_stages=st)]
+    else:  # second-order passes: more live tiles
+        first = [dict(BLOCK_M=64, BLOCK_N=64 if wide <= 64 else 32, num_warps=w, num_stages=2)]
+    return first + [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+                    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+                    dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)]
+
+
+_CHOSEN: dict[tuple, dict] = {}
+
+
+def _launch(kernel, kind: str, rows_of: str, bh: int, n: int, bd: int, be: int,
+            dtype: torch.dtype, args: tuple, **consts) -> None:
+    """Launch ``kernel`` with the first config that compiles for this shape class.
+
+    ``rows_of`` names the block the grid is laid over ("BLOCK_M" or "BLOCK_N")."""
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), bd, be, dtype, interpreting())
+    cands = [_CHOSEN[key]] if key in _CHOSEN else _configs(kind, n, bd, be, dtype)
+    err: Optional[Exception] = None
+    for cfg in cands:
+        grid = (triton.cdiv(n, cfg[rows_of]) * bh,)
+        try:
+            kernel[grid](*args, BLOCK_D=bd, BLOCK_E=be, **cfg, **consts)
+        except OutOfResources as e:  # shared memory / registers
+            err = e
+            continue
+        if not interpreting():
+            _CHOSEN[key] = cfg
+        return
+    raise RuntimeError(f"no launch configuration of {key[0]} fits this device: {err}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Host wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _precision(dtype: torch.dtype, precision: Optional[str]) -> str:
+    """``input_precision`` of tl.dot: fp64 and fp16/bf16 are exact products ("ieee");
+    fp32 follows ``precision`` or, when None, PyTorch's TF32 switch for matmuls."""
+    if dtype != torch.float32:
+        return "ieee"
+    if precision is None:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    return precision
+
+
+def _strides(t: torch.Tensor) -> tuple:
+    return tuple(t.stride())
+
+
+def _fwd(q: torch.Tensor, v: torch.Tensor, scale: float, prec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, D = q.shape
+    E = v.shape[-1]
+    o = torch.empty((B, H, N, E), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B * H, N), device=q.device, dtype=_acc_dtype(q.dtype))
+    args = (q, v, o, lse, *_strides(q), *_strides(v), *_strides(o), H, N, D, E, scale)
+    _launch(_fwd_kernel, "fwd", "BLOCK_M", B * H, N, _pow2(D), _pow2(E), q.dtype, args, PRECISION=prec)
+    return o, lse
+
+
+def _bwd(q, v, o, lse, g, scale: float, prec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, N, D = q.shape
+    E = v.shape[-1]
+    acc = _acc_dtype(q.dtype)
+    bd, be = _pow2(D), _pow2(E)
+    delta = (g.to(acc) * o.to(acc)).sum(-1).reshape(B * H, N)  # delta_i = G_i.O_i (preprocess)
+    dqk = torch.empty((B * H, N, bd), device=q.device, dtype=acc)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    common = (*_strides(q), *_strides(v), *_strides(g))
+    _launch(_bwd_col_kernel, "col", "BLOCK_N", B * H, N, bd, be, q.dtype,
+            (q, v, g, lse, delta, dv, dqk, *common, *_strides(dv), H, N, D, E, scale), PRECISION=prec)
+    _launch(_bwd_row_kernel, "row", "BLOCK_M", B * H, N, bd, be, q.dtype,
+            (q, v, g, lse, delta, dqk, dq, *common, *_strides(dq), H, N, D, E, scale), PRECISION=prec)
+    return dq, dv, delta
+
+
+def _double_bwd(q, v, o, lse, g, delta, u, w, scale: float, prec: str):
+    B, H, N, D = q.shape
+    E = v.shape[-1]
+    acc = _acc_dtype(q.dtype)
+    bd, be = _pow2(D), _pow2(E)
+    q, v, o, g, u, w = (t.contiguous() for t in (q, v, o, g, u, w))
+    mu = torch.empty((B * H, N), device=q.device, dtype=acc)
+    ddelta = torch.empty_like(mu)
+    odot = torch.empty_like(v)
+    gv = torch.empty_like(v)
+    gq = torch.empty_like(q)
+    gqk = torch.empty((B * H, N, bd), device=q.device, dtype=acc)
+    dims = (H, N, D, E, scale)
+    _launch(_jvp_row_kernel, "second", "BLOCK_M", B * H, N, bd, be, q.dtype,
+            (q, u, v, w, o, g, lse, mu, ddelta, odot, *dims), PRECISION=prec)
+    _launch(_hvp_col_kernel, "second", "BLOCK_N", B * H, N, bd, be, q.dtype,
+            (q, u, v, w, g, lse, delta, mu, ddelta, gv, gqk, *dims), PRECISION=prec)
+    _launch(_hvp_row_kernel, "second", "BLOCK_M", B * H, N, bd, be, q.dtype,
+            (q, u, v, w, g, lse, delta, mu, ddelta, gqk, gq, *dims), PRECISION=prec)
+    return gq, gv, odot
+
+
+class _L2AttentionBackward(torch.autograd.Function):
+    """(q, v, G) -> (dq, dv); differentiable once more (the fused double backward)."""
+
+    @staticmethod
+    def forward(ctx, q, v, g, o, lse, scale: float, prec: str):
+        dq, dv, delta = _bwd(q, v, o, lse, g, scale, prec)
+        ctx.save_for_backward(q, v, g, o, lse, delta)
+        ctx.scale, ctx.prec = scale, prec
+        return dq, dv
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, u, w):
+        q, v, g, o, lse, delta = ctx.saved_tensors
+        gq, gv, godot = _double_bwd(q, v, o, lse, g, delta, u.to(q.dtype), w.to(v.dtype), ctx.scale, ctx.prec)
+        return gq, gv, godot, None, None, None, None
+
+
+class _L2Attention(torch.autograd.Function):
+    """q, v -> softmax_j(s_ij) v; backward through ``_L2AttentionBackward``."""
+
+    @staticmethod
+    def forward(ctx, q, v, scale: float, prec: str):
+        o, lse = _fwd(q, v, scale, prec)
+        ctx.save_for_backward(q, v, o, lse)
+        ctx.scale, ctx.prec = scale, prec
+        return o
+
+    @staticmethod
+    def backward(ctx, g):
+        q, v, o, lse = ctx.saved_tensors
+        dq, dv = _L2AttentionBackward.apply(q, v, g.to(v.dtype), o.detach(), lse, ctx.scale, ctx.prec)
+        return dq, dv, None, None
+
+
+def check_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise a clear error for inputs the Triton path cannot take."""
+    for name, t in (("q", q), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, N, dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"triton l2_attention: {name} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
+    if q.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q and v must agree in (batch, heads, N): got {tuple(q.shape)} and {tuple(v.shape)}")
+    if q.dtype != v.dtype:
+        raise TypeError(f"q and v must share a dtype: got {q.dtype} and {v.dtype}")
+    if q.device != v.device:
+        raise ValueError(f"q and v must be on the same device: got {q.device} and {v.device}")
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(f"triton l2_attention needs CUDA tensors (got {q.device}); "
+                         "set TRITON_INTERPRET=1 to run the kernels on CPU, or use backend='reference'")
+    for name, t in (("q", q), ("v", v)):
+        if t.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(f"triton l2_attention supports head dims up to {MAX_HEAD_DIM}; "
+                             f"{name} has {t.shape[-1]} (use backend='reference')")
+        if t.shape[-1] < 1:
+            raise ValueError(f"{name} has an empty head dim: shape {tuple(t.shape)}")
+
+
+def l2_attention_triton(q: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                        precision: Optional[str] = None) -> torch.Tensor:
+    """Fused L2 attention ``softmax_j(-scale |q_i - q_j|^2) v`` on ``(B, H, N, d)``/``(B, H, N, e)``.
+
+    Differentiable twice (fused double backward). ``scale`` defaults to ``1/sqrt(d)`` and is
+    applied in fp32 (fp64 for fp64 inputs it is the fp32-rounded value). ``precision`` ("ieee" or
+    "tf32") only matters for fp32 inputs; None follows ``torch.backends.cuda.matmul.allow_tf32``.
+    """
+    check_inputs(q, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = float(torch.tensor(float(scale), dtype=torch.float32))  # what the kernel sees
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    B, H, N, _ = q.shape
+    if B * H * N == 0:
+        return v * 0  # empty: nothing to attend over
+    return _L2Attention.apply(q, v, scale, _precision(q.dtype, precision))

@@ -1,0 +1,321 @@
+"""Fused (Triton), SDPA and reference L2 attention against a float64 reference.
+
+Without CUDA the Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here
+before Triton is imported), fp32/fp64 only and N <= 256: the interpreter is slow and mishandles
+bf16 dots. Tests marked ``gpu`` compile the same kernels and add bf16/fp16, TF32 and large N.
+
+Tolerance rule (issue 4): for every compared quantity x (output, VJP, double VJP),
+``max|x_kernel - x_64| <= 2 max|x_ref - x_64| + floor`` where x_64 is the reference on float64
+inputs and x_ref the same-precision PyTorch reference. ``floor = 4 eps(dtype) max|x_64|``: a few
+roundings of the largest entry. It only matters where the reference happens to be exact (N = 1:
+P = 1, the output is v and dq = 0 in exact arithmetic; the kernel stores O rounded and
+recomputes delta = G.O from it, so it may miss exact zero by an ulp-sized amount).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from acf import functional as F  # noqa: E402
+from acf.functional import l2_attention, l2_attention_reference  # noqa: E402
+import acf.kernels.l2_attention as K  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(
+    DEV == "cpu" and not K.interpreting(),
+    reason="no CUDA and TRITON_INTERPRET was set to 0 before this module was imported",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def plain_reference(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same-precision PyTorch computation: every op in the inputs' dtype (matmuls may use TF32
+    if PyTorch is told to). For fp32/fp64 it is ``l2_attention_reference``; for bf16/fp16 the
+    reference upcasts internally, which would be an unfair yardstick for a half-precision kernel."""
+    if q.dtype in (torch.float32, torch.float64):
+        return l2_attention_reference(q, v, scale)
+    sq = (q * q).sum(-1)
+    p = torch.softmax(scale * (2.0 * q @ q.transpose(-1, -2) - sq.unsqueeze(-2)), dim=-1)
+    return p @ v
+
+
+def first_and_second(fn, q, v, g, u, w, scale):
+    """Output, VJP (dq, dv) and double VJP (d/d(q, v, G) of <u, dq> + <w, dv>)."""
+    q = q.detach().clone().requires_grad_()
+    v = v.detach().clone().requires_grad_()
+    g = g.detach().clone().requires_grad_()
+    o = fn(q, v, scale)
+    dq, dv = torch.autograd.grad(o, (q, v), g, create_graph=True)
+    phi = (dq * u).sum() + (dv * w).sum()
+    hq, hv, hg = torch.autograd.grad(phi, (q, v, g))
+    return {"out": o, "dq": dq, "dv": dv, "ddq": hq, "ddv": hv, "ddg": hg}
+
+
+def check_rule(name: str, x: torch.Tensor, ref: torch.Tensor, x64: torch.Tensor, factor: float = 2.0,
+               scale: float | None = None):
+    x64 = x64.double()
+    err = (x.double() - x64).abs().max().item()
+    err_ref = (ref.double() - x64).abs().max().item()
+    eps = torch.finfo(x.dtype).eps
+    floor = 4 * eps * (x64.abs().max().item() if scale is None else scale)
+    bound = factor * err_ref + floor
+    assert err <= bound, f"{name}: kernel error {err:.3e} > {factor} x reference error {err_ref:.3e} + floor {floor:.1e}"
+
+
+def rand_inputs(B, H, N, D, E, dtype, device=DEV, spread=1.0):
+    gen = torch.Generator().manual_seed(1000 * N + 10 * D + E)
+    mk = lambda *s: (spread * torch.randn(*s, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
+    return mk(B, H, N, D), mk(B, H, N, E), mk(B, H, N, E), mk(B, H, N, D), mk(B, H, N, E)
+
+
+def triton_fn(precision="ieee"):
+    return lambda q, v, s: K.l2_attention_triton(q, v, s, precision=precision)
+
+
+def compare_all(B, H, N, D, E, dtype, fn, factor=2.0, spread=1.0):
+    q, v, g, u, w = rand_inputs(B, H, N, D, E, dtype, spread=spread)
+    scale = D ** -0.5
+    ker = first_and_second(fn, q, v, g, u, w, scale)
+    ref = first_and_second(plain_reference, q, v, g, u, w, scale)
+    ex = first_and_second(l2_attention_reference, *(t.double() for t in (q, v, g, u, w)), scale)
+    size = max(t.abs().max().item() for t in ex.values())
+    for key in ker:
+        check_rule(f"{key} (B,H,N,d,e)={(B, H, N, D, E)} {dtype}", ker[key], ref[key], ex[key], factor, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU, compiled on CUDA)
+# ----------------------------------------------------------------------------------------------
+
+SHAPES = [  # (B, H, N, d, e): odd N, several head dims, e != d, B*H <= 4
+    (1, 1, 1, 16, 16),
+    (2, 2, 17, 4, 4),
+    (1, 3, 100, 32, 20),
+    (2, 1, 255, 16, 16),
+    (1, 2, 64, 64, 8),
+    (1, 1, 37, 128, 128),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_matches_fp64_reference(shape):
+    compare_all(*shape, torch.float32, triton_fn("ieee"))
+
+
+@needs_kernels
+def test_triton_multi_tile_small_blocks(monkeypatch):
+    """Tiles of 16 so that N = 50 crosses four tiles with a ragged last one (interpreter)."""
+    monkeypatch.setattr(K, "INTERPRET_BLOCK", 16)
+    compare_all(1, 2, 50, 8, 12, torch.float32, triton_fn("ieee"))
+
+
+@needs_kernels
+def test_triton_large_logits():
+    """Spread-out queries (|q|^2 ~ 100): the online softmax must rescale without overflow."""
+    compare_all(1, 2, 70, 16, 16, torch.float32, triton_fn("ieee"), spread=3.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [5, 19])
+def test_triton_gradcheck_fp64(monkeypatch, n):
+    monkeypatch.setattr(K, "INTERPRET_BLOCK", 16)
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(1, 2, n, 3, dtype=torch.float64, generator=gen).to(DEV).requires_grad_()
+    v = torch.randn(1, 2, n, 2, dtype=torch.float64, generator=gen).to(DEV).requires_grad_()
+    fn = lambda q, v: K.l2_attention_triton(q, v, 0.7)
+    assert torch.autograd.gradcheck(fn, (q, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, (q, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@needs_kernels
+def test_triton_strided_inputs_and_expanded_grad():
+    """(B, N, H, d) memory viewed as (B, H, N, d); the grad of .sum() has zero strides."""
+    B, H, N, D = 2, 2, 33, 8
+    q = torch.randn(B, N, H, D, dtype=torch.float64, device=DEV).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, N, H, 6, dtype=torch.float64, device=DEV).transpose(1, 2).requires_grad_()
+    assert not q.is_contiguous()
+    o = K.l2_attention_triton(q, v, 0.3)
+    dq, dv = torch.autograd.grad(o.sum(), (q, v))
+    q64, v64 = q.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    o64 = l2_attention_reference(q64, v64, 0.3)
+    rq, rv = torch.autograd.grad(o64.sum(), (q64, v64))
+    for a, b in ((o, o64), (dq, rq), (dv, rv)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@needs_kernels
+def test_triton_third_order_raises():
+    q = torch.randn(1, 1, 9, 4, dtype=torch.float64, device=DEV, requires_grad=True)
+    v = torch.randn(1, 1, 9, 4, dtype=torch.float64, device=DEV, requires_grad=True)
+    (dq,) = torch.autograd.grad(K.l2_attention_triton(q, v).sum(), q, create_graph=True)
+    (hq,) = torch.autograd.grad(dq.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(hq.sum(), q)
+
+
+@needs_kernels
+def test_tolerance_rule_can_fail():
+    """The rule rejects a subtly wrong kernel: the right math with the scale off by 1%."""
+    q, v, *_ = rand_inputs(1, 2, 40, 8, 8, torch.float32)
+    ex = l2_attention_reference(q.double(), v.double(), 0.35)
+    ref = l2_attention_reference(q, v, 0.35)
+    wrong = K.l2_attention_triton(q, v, 0.35 * 1.01, precision="ieee")
+    with pytest.raises(AssertionError):
+        check_rule("wrong", wrong, ref, ex)
+    check_rule("right", K.l2_attention_triton(q, v, 0.35, precision="ieee"), ref, ex)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_kernels
+def test_triton_bad_inputs(monkeypatch):
+    q = torch.randn(1, 2, 5, 4, device=DEV)
+    v = torch.randn(1, 2, 5, 4, device=DEV)
+    with pytest.raises(ValueError, match="q must be"):
+        K.l2_attention_triton(q[0], v)
+    with pytest.raises(TypeError, match="dtype"):
+        K.l2_attention_triton(q.int(), v)
+    with pytest.raises(TypeError, match="share a dtype"):
+        K.l2_attention_triton(q, v.double())
+    with pytest.raises(ValueError, match="agree"):
+        K.l2_attention_triton(q, v[:, :, :3])
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        K.l2_attention_triton(torch.randn(1, 1, 5, 129, device=DEV), torch.randn(1, 1, 5, 4, device=DEV))
+    if DEV == "cpu":
+        monkeypatch.setattr(K, "interpreting", lambda: False)
+        with pytest.raises(ValueError, match="needs CUDA"):
+            K.l2_attention_triton(q, v)
+    with pytest.raises(ValueError, match="precision"):
+        K.l2_attention_triton(q, v, precision="fast")
+
+
+def test_functional_bad_inputs():
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="unknown l2_attention backend"):
+        l2_attention(q, q, backend="cuda")
+    with pytest.raises(ValueError, match="4 dimensions"):
+        l2_attention(q[0], q[0])
+    with pytest.raises(TypeError, match="share a dtype"):
+        l2_attention(q, q.double())
+
+
+# ----------------------------------------------------------------------------------------------
+# SDPA backend and dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 4, 4), (2, 2, 17, 5, 3), (1, 2, 100, 32, 16)])
+def test_sdpa_matches_reference(shape):
+    B, H, N, D, E = shape
+    q, v, g, _, _ = rand_inputs(B, H, N, D, E, torch.float64, device="cpu")
+    q.requires_grad_()
+    v.requires_grad_()
+    o = l2_attention(q, v, backend="sdpa")
+    dq, dv = torch.autograd.grad(o, (q, v), g)
+    o64 = l2_attention(q, v, backend="reference")
+    rq, rv = torch.autograd.grad(o64, (q, v), g)
+    for a, b in ((o, o64), (dq, rq), (dv, rv)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    # fp32 obeys the same rule as the kernel
+    q32, v32 = q.detach().float(), v.detach().float()
+    check_rule("sdpa fp32", l2_attention(q32, v32, backend="sdpa"), l2_attention_reference(q32, v32, D ** -0.5), o64)
+
+
+def test_sdpa_gradcheck_and_no_double_backward():
+    q = torch.randn(1, 2, 7, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 7, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, v: l2_attention(q, v, backend="sdpa"), (q, v))
+    o = l2_attention(q, v, backend="sdpa")
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(o.sum(), q, create_graph=True)
+
+
+def test_auto_dispatch(monkeypatch):
+    q = torch.randn(1, 1, 6, 4)
+    assert F._auto_backend(q, q) == "reference"  # CPU: reference (also the faster CPU path)
+    called = []
+    monkeypatch.setitem(F._BACKENDS, "reference", lambda q, v, s: called.append(s) or v)
+    l2_attention(q, q, backend="auto")
+    assert called == [pytest.approx(0.5)]
+
+
+def test_auto_rule_on_cuda_like(monkeypatch):
+    """The CUDA branch of the rule without a GPU: fake is_cuda through a stand-in object."""
+
+    class Fake:
+        is_cuda = True
+        dtype = torch.float32
+
+        def __init__(self, d):
+            self.shape = (1, 1, 4, d)
+
+    monkeypatch.setattr(F, "triton_available", lambda: True)
+    assert F._auto_backend(Fake(64), Fake(64)) == "triton"
+    assert F._auto_backend(Fake(64), Fake(256)) == "reference"
+    monkeypatch.setattr(F, "triton_available", lambda: False)
+    assert F._auto_backend(Fake(64), Fake(64)) == "reference"
+
+
+@needs_kernels
+def test_functional_triton_backend():
+    q, v, *_ = rand_inputs(1, 2, 23, 8, 8, torch.float64)
+    torch.testing.assert_close(l2_attention(q, v, backend="triton"), l2_attention_reference(q, v, 8 ** -0.5))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: compiled kernels, half precision, TF32, large N
+# ----------------------------------------------------------------------------------------------
+
+GPU_SHAPES = SHAPES + [(2, 2, 1000, 32, 32), (1, 2, 513, 16, 16), (1, 1, 300, 128, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gpu_matches_fp64_reference(shape, dtype):
+    compare_all(*shape, dtype, triton_fn("ieee"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_large_n(dtype):
+    compare_all(1, 2, 4096, 32, 32, dtype, triton_fn("ieee"))
+
+
+@pytest.mark.gpu
+def test_gpu_tf32(monkeypatch):
+    """TF32 kernel against the TF32 PyTorch reference (both with TF32 matmuls)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    compare_all(2, 2, 1000, 32, 32, torch.float32, triton_fn("tf32"))
+
+
+@pytest.mark.gpu
+def test_gpu_gradcheck_fp64():
+    q = torch.randn(1, 2, 70, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    v = torch.randn(1, 2, 70, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    fn = lambda q, v: K.l2_attention_triton(q, v, 0.6)
+    assert torch.autograd.gradcheck(fn, (q, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, (q, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_is_triton_and_sdpa_matches():
+    q, v, *_ = rand_inputs(2, 2, 257, 32, 32, torch.float32, device="cuda")
+    assert F._auto_backend(q, v) == "triton"
+    ex = l2_attention_reference(q.double(), v.double(), 32 ** -0.5)
+    check_rule("sdpa cuda fp32", l2_attention(q, v, backend="sdpa"), l2_attention_reference(q, v, 32 ** -0.5), ex, factor=4.0)
