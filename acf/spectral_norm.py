@@ -141,12 +141,22 @@ class _SpectralNormalized(nn.Module):
         return steps
 
     def sigma(self) -> torch.Tensor:
-        """``u^T W v``: the current estimate of the operator norm, differentiable in W."""
-        return (self.u * self._op(self.v)).sum()
+        """``u^T W v``: the current estimate of the operator norm, differentiable in W.
+
+        ``u``, ``v`` are cloned so that a later refresh (in place) cannot invalidate this graph.
+        """
+        return (self.u.clone() * self._op(self.v.clone())).sum()
 
     def normalized_weight(self) -> torch.Tensor:
+        """``W / max(1, sigma / c)``. Training: ``n_iter`` warm-started steps per call. Evaluation:
+        iterate to ``tol`` once per weight version, so that repeated calls apply the same map."""
         if _frozen_depth == 0:
-            self.refresh(n_iter=self.n_iter) if self.training else self.refresh(tol=self.tol)
+            if self.training:
+                self.refresh(n_iter=self.n_iter)
+                self._eval_version = None
+            elif getattr(self, "_eval_version", None) != self.weight._version:
+                self.refresh(tol=self.tol)
+                self._eval_version = self.weight._version
         scale = torch.clamp(self.sigma() / self.coeff, min=1.0)
         return self.weight / scale
 

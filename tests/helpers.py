@@ -30,7 +30,7 @@ def ascent_ratio(fn, shape, steps: int = 30, n_pairs: int = 8, lr: float = 0.05,
     best = 0.0
     for _ in range(steps):
         ratio = (fn(x) - fn(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
-        best = max(best, float(ratio.max()))
+        best = max(best, float(ratio.detach().max()))
         opt.zero_grad()
         (-torch.log(ratio).sum()).backward()
         opt.step()

@@ -1,0 +1,93 @@
+"""pytest-benchmark microbenchmarks of L2 attention (issue 4): forward, VJP, forward + VJP and a
+log-det power-series proxy (8 VJPs through g(x) = l2_attention(x, x M)).
+
+    python -m pytest bench/bench_attention.py --benchmark-only            # CPU: small shapes
+    ACF_BENCH_FULL=1 python -m pytest bench/bench_attention.py --benchmark-only   # GPU: issue sizes
+
+On CUDA the issue's sizes run (batch 64, heads 16, N 256/1024/4096, d 32; batch 64, heads 4,
+N 1024, d 16; fp32 and bf16) when ACF_BENCH_FULL=1; bench/gpu_check.py times the same set with
+CUDA events and also reports TFLOP/s and peak memory. The triton backend runs on CUDA only.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from acf.functional import l2_attention, triton_available
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+if CUDA and os.environ.get("ACF_BENCH_FULL"):
+    CONFIGS = [(64, 16, 256, 32), (64, 16, 1024, 32), (64, 16, 4096, 32), (64, 4, 1024, 16)]
+    DTYPES = [torch.float32, torch.bfloat16]
+else:
+    CONFIGS = [(4, 4, 256, 32), (4, 4, 1024, 16)]
+    DTYPES = [torch.float32]
+BACKENDS = ["reference", "sdpa"] + (["triton"] if CUDA and triton_available() else [])
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _inputs(cfg, dtype):
+    b, h, n, d = cfg
+    if not CUDA and b * h * n * n * 4 * 4 > 2**31:
+        pytest.skip("reference P too large for this CPU")
+    q = (torch.randn(b, h, n, d, device=DEV) * 0.5).to(dtype).requires_grad_()
+    v = torch.randn(b, h, n, d, device=DEV).to(dtype).requires_grad_()
+    return q, v
+
+
+params = pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "b{}h{}n{}d{}".format(*c))
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
+backends = pytest.mark.parametrize("backend", BACKENDS)
+
+
+@params
+@dtypes
+@backends
+def test_attention_fwd(benchmark, cfg, dtype, backend):
+    q, v = _inputs(cfg, dtype)
+
+    def run():
+        with torch.no_grad():
+            l2_attention(q, v, backend=backend)
+        _sync()
+
+    benchmark(run)
+
+
+@params
+@dtypes
+@backends
+def test_attention_fwd_vjp(benchmark, cfg, dtype, backend):
+    q, v = _inputs(cfg, dtype)
+    g = torch.randn(v.shape, device=DEV, dtype=dtype)
+
+    def run():
+        torch.autograd.grad(l2_attention(q, v, backend=backend), (q, v), g)
+        _sync()
+
+    benchmark(run)
+
+
+@params
+@dtypes
+@backends
+def test_logdet_series(benchmark, cfg, dtype, backend):
+    x, _ = _inputs(cfg, dtype)
+    m = torch.randn(cfg[3], cfg[3], device=DEV, dtype=dtype) / cfg[3] ** 0.5
+    w0 = torch.randn_like(x)
+
+    def run():
+        gx = l2_attention(x, x @ m, backend=backend)
+        w = w0
+        for _ in range(8):
+            (w,) = torch.autograd.grad(gx, x, w, retain_graph=True)
+        _sync()
+
+    benchmark(run)

@@ -1,0 +1,134 @@
+"""The contractive block x + g(x): inversion, certified vs empirical Lipschitz, the dot-product failure."""
+import warnings
+
+import pytest
+import torch
+
+from acf.block import ContractiveBlock
+from acf.branches import BRANCHES
+from acf.fixed_point import ConvergenceError, fixed_point_solve
+from acf.logdet import LogdetEstimator
+from helpers import ascent_ratio, random_pair_ratio, saturate
+
+SHAPE = (4, 4, 4)
+
+
+def make_branch(arch, attention, heads=2, coeff=0.97):
+    kw = {"growth": 4, "depth": 2} if arch == "idensenet" else {"hidden": 8}
+    return BRANCHES[arch](SHAPE[0], SHAPE[1:], attention=attention, heads=heads, coeff=coeff, **kw)
+
+
+@pytest.mark.parametrize("arch", sorted(BRANCHES))
+@pytest.mark.parametrize("attention", [None, "l2", "lipnorm"])
+def test_block_inverts_and_is_certified(arch, attention):
+    torch.manual_seed(sum(map(ord, f"{arch}{attention}")))
+    g = saturate(make_branch(arch, attention))
+    block = ContractiveBlock(g, LogdetEstimator(method="series", n_terms=2)).eval()
+    bound = block.lipschitz_bound()
+    assert 0.5 < bound < 1.0  # saturated: close to coeff^3, still a contraction
+
+    x = torch.randn(6, *SHAPE) * 2.0
+    with torch.no_grad():
+        y, _ = block(x)
+        x_rec, info = block.inverse(y, return_info=True)
+    assert bool(info.converged.all())
+    assert float((x_rec - x).abs().max()) <= 1e-4
+
+    g64 = g.double()
+    with torch.no_grad():
+        for scale in (0.3, 3.0):
+            assert random_pair_ratio(g64, SHAPE, n_pairs=32, scale=scale) <= bound
+    assert ascent_ratio(g64, SHAPE, steps=12, n_pairs=4) <= bound
+
+
+def test_gamma_cannot_break_the_contraction():
+    """Eq. 13 alone gives Lip <= 1 + |gamma|; with the normalisation the bound stays < 1 for any gamma."""
+    g = saturate(make_branch("resflow", "l2"))
+    for gamma in (0.0, 1.0, 50.0, -1e4):
+        for m in g.modules():
+            if hasattr(m, "gamma"):
+                m.gamma.data.fill_(gamma)
+        assert g.lipschitz_bound() < 1.0
+        assert ascent_ratio(g.double(), SHAPE, steps=8, n_pairs=4) <= g.lipschitz_bound()
+        g.float()
+
+
+def test_dot_product_attention_breaks_the_block():
+    """Plain dot-product attention: construction refuses without allow_uncertified; with it, the branch's
+    empirical Lipschitz ratio exceeds 1 at large input scale, so x + g(x) is no longer a contraction
+    and the fixed-point inverse does not converge."""
+    torch.manual_seed(0)
+    g = make_branch("iresnet", "dot", heads=1)
+    with pytest.raises(ValueError, match="bound inf >= 1"):
+        ContractiveBlock(g)
+    with pytest.warns(RuntimeWarning, match="not certified"):
+        block = ContractiveBlock(g, allow_uncertified=True).eval()
+    with torch.no_grad():
+        for m in g.modules():
+            if hasattr(m, "gamma"):
+                m.gamma.fill_(1e3)  # attention dominates its layer
+            if hasattr(m, "w_qkv"):
+                m.w_qkv.mul_(4.0)
+    ratios = [ascent_ratio(g.double(), SHAPE, steps=25, n_pairs=6, scale=s) for s in (0.1, 30.0)]
+    g.float()
+    assert ratios[1] > 1.0 > ratios[0]
+    x = torch.randn(6, *SHAPE) * 30
+    with torch.no_grad():
+        y = x + g(x)
+    with pytest.raises(ConvergenceError, match="did not converge"):
+        block.inverse(y, max_iter=200, on_fail="raise")
+
+
+def test_nonconvergence_is_reported():
+    g = saturate(make_branch("resflow", None))
+    block = ContractiveBlock(g).eval()
+    y = torch.randn(3, *SHAPE) * 5
+    with pytest.warns(RuntimeWarning, match=r"did not converge for \d of 3 samples after 2 iterations \(max residual"):
+        x, info = block.inverse(y, max_iter=2, return_info=True)
+    assert info.g_evals == 2 and info["iterations"] == 2 and not bool(info.converged.all())
+    # The reported residual is the true residual of the returned x.
+    with torch.no_grad():
+        true_res = (x + g(x) - y).abs().flatten(1).amax(1)
+    torch.testing.assert_close(info.residual, true_res)
+    with pytest.raises(ConvergenceError):
+        block.inverse(y, max_iter=2, on_fail="raise")
+
+
+def test_fixed_point_linear_contraction_matches_solve():
+    """g(x) = A x with ||A|| = 0.95: the solution is (I + A)^{-1} y; per-sample convergence freezes samples."""
+    torch.manual_seed(3)
+    a = torch.randn(10, 10, dtype=torch.float64)
+    a *= 0.95 / torch.linalg.matrix_norm(a, ord=2)
+    y = torch.randn(5, 10, dtype=torch.float64)
+    y[0] = 0  # converges at once
+    x, info = fixed_point_solve(lambda t: t @ a.t(), y, tol=1e-12, max_iter=2000)
+    exact = torch.linalg.solve(torch.eye(10, dtype=torch.float64) + a, y.t()).t()
+    assert bool(info.converged.all())
+    assert float((x - exact).abs().max()) < 1e-10
+    assert info.iterations < 2000
+
+
+def test_fixed_point_bad_input():
+    g = lambda t: 0.5 * t  # noqa: E731
+    with pytest.raises(ValueError, match="max_iter must be >= 1"):
+        fixed_point_solve(g, torch.randn(2, 3), max_iter=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        fixed_point_solve(g, torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="g changed the shape"):
+        fixed_point_solve(lambda t: t[:, :1], torch.randn(2, 3))
+    with pytest.raises(ValueError, match="on_fail"):
+        fixed_point_solve(g, torch.randn(2, 3), on_fail="shout")
+
+
+def test_block_bad_input():
+    block = ContractiveBlock(make_branch("iresnet", None))
+    with pytest.raises(ValueError, match="non-finite"):
+        block(torch.full((1, *SHAPE), float("nan")))
+    with pytest.raises(ValueError, match="has 3 channels"):
+        block(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="4 dimensions"):
+        block(torch.randn(4, 4, 4))
+    with pytest.raises(ValueError, match="coeff=1.0 is not in"):
+        make_branch("resflow", "l2", coeff=1.0)
+    with pytest.raises(ValueError, match="heads=3 must divide"):
+        make_branch("resflow", "l2", heads=3)
