@@ -118,9 +118,10 @@ class L2MultiheadAttention(_ContractiveAttention):
     D x D matrix ``A_h`` is never formed), ``F = [f_1 ... f_H] W^O``.
     """
 
-    def __init__(self, channels: int, heads: int = 4) -> None:
+    def __init__(self, channels: int, heads: int = 4, backend: str = "auto") -> None:
         super().__init__(channels, heads)
         self.w_q, self.w_v, self.w_o = self._weight(channels), self._weight(channels), self._weight(channels)
+        self.backend = backend  # l2_attention backend: "auto", "triton", "sdpa" or "reference"
 
     def bound(self, n: int) -> torch.Tensor:
         return l2_mha_lipschitz_bound(self.w_q, self.w_v, self.w_o, self.heads, n)
@@ -132,7 +133,7 @@ class L2MultiheadAttention(_ContractiveAttention):
         wv = self.w_v.reshape(self.channels, h, d).transpose(0, 1)   # (H, D, d) = W^V_h
         m = wq @ wv / math.sqrt(d)                                   # (H, d, d) = M_h
         v = q @ m.unsqueeze(0)
-        f = self._merge_heads(l2_attention(q, v, scale=1.0 / math.sqrt(d))) @ self.w_o
+        f = self._merge_heads(l2_attention(q, v, scale=1.0 / math.sqrt(d), backend=self.backend)) @ self.w_o
         return f / self.bound(x.shape[1])
 
 
@@ -178,6 +179,14 @@ class DotProductAttention(_ContractiveAttention):
         q, k, v = (self._split_heads(t) for t in (x @ self.w_qkv).chunk(3, dim=-1))
         p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)
         return self._merge_heads(p @ v) @ self.w_o
+
+
+def set_attention_backend(module: nn.Module, backend: str) -> nn.Module:
+    """Use ``backend`` for the L2 attention of every ``L2MultiheadAttention`` inside ``module``."""
+    for m in module.modules():
+        if isinstance(m, L2MultiheadAttention):
+            m.backend = backend
+    return module
 
 
 ATTENTIONS = {"l2": L2MultiheadAttention, "lipnorm": LipNormAttention, "dot": DotProductAttention}

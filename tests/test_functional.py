@@ -62,3 +62,20 @@ def test_unknown_backend():
     q = torch.randn(1, 1, 3, 4)
     with pytest.raises(ValueError, match="unknown l2_attention backend"):
         l2_attention(q, q, backend="nope")
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 3), n=st.integers(1, 40), d=st.integers(1, 9),
+       e=st.integers(1, 9), scale=st.floats(0.01, 3.0), seed=st.integers(0, 2**31 - 1))
+def test_property_random_shapes(b, h, n, d, e, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) * 2
+    v = torch.randn(b, h, n, e, generator=gen, dtype=torch.float64)
+    out = l2_attention(q, v, scale=scale)
+    torch.testing.assert_close(out, independent_l2_attention(q, v, scale), atol=1e-12, rtol=1e-10)
+    # Each output row is a convex combination of value rows.
+    assert bool((out <= v.amax(dim=2, keepdim=True) + 1e-12).all())
+    assert bool((out >= v.amin(dim=2, keepdim=True) - 1e-12).all())

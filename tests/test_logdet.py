@@ -9,30 +9,10 @@ import pytest
 import scipy.stats
 import torch
 
-from acf.branches import iresnet_branch
 from acf.logdet import LogdetEstimator, exact_logdet, logdet_estimate, survival, term_weights
-from helpers import saturate
+from helpers import positive_branch
 
 SHAPE = (2, 4, 4)
-
-
-def positive_branch():
-    """A saturated i-ResNet branch with L2 attention whose last convolution is the adjoint of the first
-    and whose ELUs sit in their linear region (large biases), so that J_g is close to symmetric positive
-    semi-definite with norm near its bound: log det is sizeable and the higher-order terms of the
-    series matter (a random branch has tr(J^k) near 0 by symmetry, which tests nothing)."""
-    g = saturate(iresnet_branch(2, (4, 4), hidden=8, attention="l2", heads=2, coeff=0.95), gain=20.0).double()
-    convs = [m for m in g.modules() if hasattr(m, "refresh")]
-    with torch.no_grad():
-        convs[2].weight.copy_(convs[0].weight.transpose(0, 1).flip(2, 3))
-        convs[1].weight.copy_(torch.eye(8, dtype=torch.float64).reshape(8, 8, 1, 1))
-        for conv in convs:
-            conv.bias.fill_(5.0)
-            conv.refresh(tol=1e-8)
-        for m in g.modules():
-            if hasattr(m, "gamma"):
-                m.gamma.fill_(0.3)
-    return g.eval()
 
 
 @pytest.fixture(scope="module")
