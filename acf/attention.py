@@ -45,7 +45,12 @@ def _head_norms(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Spectral norms of the ``D x d`` column blocks ``W_h`` of ``w`` (one per head), exact (SVD)."""
     d_model = w.shape[0]
     blocks = w.reshape(d_model, heads, -1).transpose(0, 1)
-    return torch.linalg.matrix_norm(blocks, ord=2)
+    return _spectral_norm_exact(blocks)
+
+
+def _spectral_norm_exact(w: torch.Tensor) -> torch.Tensor:
+    """``||W||_2`` by SVD, in at least float32 (half-precision SVD does not exist), differentiable."""
+    return torch.linalg.matrix_norm(w.to(torch.promote_types(w.dtype, torch.float32)), ord=2)
 
 
 def l2_mha_lipschitz_bound(w_q: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, heads: int,
@@ -59,7 +64,7 @@ def l2_mha_lipschitz_bound(w_q: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tens
     """
     d = w_q.shape[0] // heads
     per_head = _head_norms(w_q, heads) ** 2 * _head_norms(w_v, heads)
-    return l2_attention_constant(n, d) * per_head.norm() * torch.linalg.matrix_norm(w_o, ord=2)
+    return l2_attention_constant(n, d) * per_head.norm() * _spectral_norm_exact(w_o)
 
 
 def lipnorm_lipschitz_bound(w_qkv: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
@@ -68,7 +73,7 @@ def lipnorm_lipschitz_bound(w_qkv: torch.Tensor, w_o: torch.Tensor) -> torch.Ten
     Each head is ``e^{sqrt 3} + 2 sqrt 6``-Lipschitz in its ``(Q_h, K_h, V_h)``; the heads act on
     disjoint parts of ``X [W^Q W^K W^V]``, so ``L = (e^{sqrt 3} + 2 sqrt 6) ||[W^Q W^K W^V]||_2 ||W^O||_2``.
     """
-    return LIPNORM_SCORE_BOUND * torch.linalg.matrix_norm(w_qkv, ord=2) * torch.linalg.matrix_norm(w_o, ord=2)
+    return LIPNORM_SCORE_BOUND * _spectral_norm_exact(w_qkv) * _spectral_norm_exact(w_o)
 
 
 class _ContractiveAttention(nn.Module):

@@ -1,5 +1,5 @@
-"""pytest-benchmark microbenchmarks of L2 attention (issue 4): forward, VJP, forward + VJP and a
-log-det power-series proxy (8 VJPs through g(x) = l2_attention(x, x M)).
+"""pytest-benchmark microbenchmarks of L2 attention (issue 4): forward, VJP, forward + VJP, and the
+log-det power series (8 VJPs) through one real ACF block (``bench/logdet_block.py``).
 
     python -m pytest bench/bench_attention.py --benchmark-only            # CPU: small shapes
     ACF_BENCH_FULL=1 python -m pytest bench/bench_attention.py --benchmark-only   # GPU: issue sizes
@@ -64,6 +64,21 @@ def test_attention_fwd(benchmark, cfg, dtype, backend):
 @params
 @dtypes
 @backends
+def test_attention_vjp(benchmark, cfg, dtype, backend):
+    q, v = _inputs(cfg, dtype)
+    g = torch.randn(v.shape, device=DEV, dtype=dtype)
+    o = l2_attention(q, v, backend=backend)
+
+    def run():
+        torch.autograd.grad(o, (q, v), g, retain_graph=True)
+        _sync()
+
+    benchmark(run)
+
+
+@params
+@dtypes
+@backends
 def test_attention_fwd_vjp(benchmark, cfg, dtype, backend):
     q, v = _inputs(cfg, dtype)
     g = torch.randn(v.shape, device=DEV, dtype=dtype)
@@ -75,19 +90,30 @@ def test_attention_fwd_vjp(benchmark, cfg, dtype, backend):
     benchmark(run)
 
 
-@params
+LOGDET_CONFIGS = [(64, 4, 1024, 16), (64, 4, 4096, 16)] if (CUDA and os.environ.get("ACF_BENCH_FULL")) \
+    else [(4, 4, 256, 16)]
+
+
+@pytest.mark.parametrize("cfg", LOGDET_CONFIGS, ids=lambda c: "b{}h{}n{}d{}".format(*c))
 @dtypes
 @backends
 def test_logdet_series(benchmark, cfg, dtype, backend):
-    x, _ = _inputs(cfg, dtype)
-    m = torch.randn(cfg[3], cfg[3], device=DEV, dtype=dtype) / cfg[3] ** 0.5
-    w0 = torch.randn_like(x)
+    """One real ACF block (bench/logdet_block.py) with the 8-term log-det series, no graph kept;
+    the attention backend is forced with ``acf.attention.set_attention_backend``."""
+    import contextlib
 
-    def run():
-        gx = l2_attention(x, x @ m, backend=backend)
-        w = w0
-        for _ in range(8):
-            (w,) = torch.autograd.grad(gx, x, w, retain_graph=True)
+    import logdet_block as LB
+
+    b, h, n, d = cfg
+    hw = LB.side(n)
+    block = LB.make_block(16, hw, h, d, torch.float32, DEV, backend)
+    x = torch.randn(b, 16, *hw, device=DEV)
+    run = LB.series_call(block, x)
+    amp = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(DEV, dtype=dtype)
+
+    def step():
+        with amp:
+            run()
         _sync()
 
-    benchmark(run)
+    benchmark(step)
