@@ -2,8 +2,94 @@
 
 The Triton kernels live in the top-level ``kernels/`` folder and are installed as ``acf.kernels``
 (never as a generic top-level ``kernels`` module).
+
+The compiled extension ``acf._C`` (``csrc/``) is built with ``torch.utils.cpp_extension``, which
+needs torch importable while building: install torch first, then this package with
+``--no-build-isolation`` (an isolated build environment would have no torch, or download a
+CUDA build of several GB). Environment flags:
+
+* ``ACF_NO_EXTENSION=1``: do not build ``acf._C`` (pure-PyTorch reference paths only).
+* ``ACF_BUILD_CUDA=1`` / ``0``: force / skip the CUDA kernels. Default: build them when the
+  installed torch is a CUDA build and ``nvcc`` (CUDA_HOME) is found.
+* ``ACF_REQUIRE_EXTENSION=1``: a failed extension build fails the install (default: warn and
+  install the pure-Python package, which then warns once at import and uses the references).
 """
+import os
+import sys
+import warnings
+
 from setuptools import setup
+
+CPU_SOURCES = ["csrc/acf_ops.cpp"]
+CUDA_SOURCES = ["csrc/acf_cuda.cu"]
+
+
+def _flag(name):
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    return value in ("1", "true", "yes", "on")
+
+
+def _note(msg):
+    print(f"acf setup: {msg}", file=sys.stderr)
+    warnings.warn(msg)
+
+
+def extension_config():
+    """``(ext_modules, cmdclass)``: empty when the extension is switched off or torch is missing."""
+    if _flag("ACF_NO_EXTENSION"):
+        _note("ACF_NO_EXTENSION=1: not building acf._C (pure-PyTorch fallback)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        if _flag("ACF_REQUIRE_EXTENSION"):
+            raise
+        _note("torch is not importable at build time, so acf._C is not built (pure-PyTorch fallback). "
+              "Install torch first and use `pip install --no-build-isolation`.")
+        return [], {}
+
+    want_cuda = _flag("ACF_BUILD_CUDA")
+    cuda_possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if want_cuda and not cuda_possible:
+        raise RuntimeError(f"ACF_BUILD_CUDA=1 but torch {torch.__version__} (CUDA {torch.version.cuda}) "
+                           f"and CUDA_HOME={cpp_extension.CUDA_HOME} cannot build CUDA code")
+    with_cuda = cuda_possible if want_cuda is None else want_cuda
+    cxx = ["-O3", "-g0"]  # no debug info: a smaller .so and a faster build
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "acf._C", CPU_SOURCES + CUDA_SOURCES, define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
+    else:
+        ext = cpp_extension.CppExtension("acf._C", CPU_SOURCES, extra_compile_args={"cxx": cxx})
+
+    try:
+        import ninja  # noqa: F401
+        use_ninja = True
+    except ImportError:  # one .cpp file (CPU): ninja gains nothing; plain setuptools compiles it
+        use_ninja = False
+    base = cpp_extension.BuildExtension.with_options(use_ninja=use_ninja)
+
+    class BuildExtension(base):
+        """Warn and carry on without acf._C if compiling fails (unless ACF_REQUIRE_EXTENSION=1)."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # compiler missing, incompatible headers, ...
+                if _flag("ACF_REQUIRE_EXTENSION"):
+                    raise
+                _note(f"building acf._C failed ({type(exc).__name__}: {exc}); installing the "
+                      f"pure-PyTorch fallback. Set ACF_REQUIRE_EXTENSION=1 to make this an error.")
+
+    print(f"acf setup: building acf._C (CPU{' + CUDA' if with_cuda else ''}, "
+          f"{'ninja' if use_ninja else 'setuptools'})", file=sys.stderr)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extension_config()
 
 setup(
     name="acf",
@@ -15,6 +101,8 @@ setup(
     python_requires=">=3.10",
     packages=["acf", "acf.kernels"],
     package_dir={"acf": "acf", "acf.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
@@ -26,4 +114,5 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["acf=acf.cli:main"]},
+    zip_safe=False,
 )

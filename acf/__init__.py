@@ -9,11 +9,12 @@ from .attention import (DotProductAttention, L2MultiheadAttention, LipNormAttent
 from .activations import CLipSwish, ELU, LipSwish
 from .block import ContractiveBlock, LipschitzChain
 from .branches import idensenet_branch, iresnet_branch, resflow_branch
-from .fixed_point import ConvergenceError, FixedPointInfo, fixed_point_solve
+from .fixed_point import ConvergenceError, FixedPointInfo
 from .flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob,
                    uniform_dequantize)
 from .functional import l2_attention
 from .logdet import LogdetEstimator, exact_logdet, logdet_estimate
+from .ops import fixed_point_solve, refresh_spectral_norms, spectral_norms
 from .spectral_norm import SpectralConv2d, SpectralLinear, power_iteration, spectral_norm
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "LogdetEstimator", "LogitTransform", "SequentialFlow", "SpectralConv2d", "SpectralLinear", "Squeeze",
     "bits_per_dim", "exact_logdet", "fixed_point_solve", "idensenet_branch", "iresnet_branch",
     "l2_attention", "l2_mha_lipschitz_bound", "lipnorm_lipschitz_bound", "logdet_estimate",
-    "make_attention", "power_iteration", "resflow_branch", "spectral_norm", "standard_normal_logprob",
+    "make_attention", "power_iteration", "refresh_spectral_norms", "resflow_branch", "spectral_norm",
+    "spectral_norms", "standard_normal_logprob",
     "uniform_dequantize",
 ]

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ._checks import check_finite, check_tensor
-from .fixed_point import FixedPointInfo, fixed_point_solve
+from .fixed_point import FixedPointInfo
 from .logdet import LogdetEstimator, logdet_estimate
+from .ops import fixed_point_solve
 from .spectral_norm import frozen_power_iteration
 
 
@@ -35,16 +36,18 @@ class ContractiveBlock(nn.Module):
         g: residual branch reporting ``lipschitz_bound()``; construction fails if it is >= 1
             unless ``allow_uncertified`` (only for ablations such as plain dot-product attention).
         estimator: log-det estimator settings (``LogdetEstimator``) or a method name.
-        tol, max_iter, on_fail: defaults of ``inverse`` (see ``fixed_point_solve``).
+        tol, max_iter, on_fail, method, memory: defaults of ``inverse`` (see
+            ``acf.ops.fixed_point_solve``; ``method`` is ``"banach"`` or ``"anderson"``).
     """
 
     def __init__(self, g: nn.Module, estimator: Union[LogdetEstimator, str] = "roulette",
-                 tol: float = 1e-6, max_iter: int = 500, on_fail: str = "warn",
-                 allow_uncertified: bool = False) -> None:
+                 tol: float = 1e-6, max_iter: int = 500, on_fail: str = "warn", method: str = "banach",
+                 memory: int = 5, allow_uncertified: bool = False) -> None:
         super().__init__()
         self.g = g
         self.estimator = LogdetEstimator(method=estimator) if isinstance(estimator, str) else estimator
         self.tol, self.max_iter, self.on_fail = tol, max_iter, on_fail
+        self.method, self.memory = method, memory
         bound = lipschitz_bound(g)
         if not bound < 1.0:
             if not allow_uncertified:
@@ -66,11 +69,12 @@ class ContractiveBlock(nn.Module):
         return x + gx, logdet
 
     def inverse(self, y: torch.Tensor, tol: Optional[float] = None, max_iter: Optional[int] = None,
-                on_fail: Optional[str] = None, return_info: bool = False
+                on_fail: Optional[str] = None, method: Optional[str] = None, return_info: bool = False
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, FixedPointInfo]]:
-        """Solve ``x + g(x) = y`` per sample; non-convergence is warned about or raised."""
+        """Solve ``x + g(x) = y`` per sample (eq. 4-5); non-convergence is warned about or raised."""
         with frozen_power_iteration():
             x, info = fixed_point_solve(self.g, y, tol=self.tol if tol is None else tol,
                                         max_iter=self.max_iter if max_iter is None else max_iter,
+                                        method=self.method if method is None else method, memory=self.memory,
                                         on_fail=self.on_fail if on_fail is None else on_fail)
         return (x, info) if return_info else x

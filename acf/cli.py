@@ -74,6 +74,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    from .ops import format_backend_info
+
+    print(format_backend_info())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acf", description="Attentive Contractive Flows")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    info = sub.add_parser("info", help="versions, active backends (Triton, extension, reference) and device")
+    info.set_defaults(func=cmd_info)
     return parser
 
 

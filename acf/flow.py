@@ -123,7 +123,8 @@ class SequentialFlow(nn.Module):
         return x, logdet
 
     def inverse(self, z: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        """Invert layer by layer; ``kwargs`` (``tol``, ``max_iter``, ``on_fail``) reach the residual blocks."""
+        """Invert layer by layer; ``kwargs`` (``tol``, ``max_iter``, ``on_fail``, ``method``) reach the
+        residual blocks."""
         check_tensor(z, "z")
         check_finite(z, "z")
         for layer in reversed(self.layers):

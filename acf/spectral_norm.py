@@ -131,14 +131,15 @@ class _SpectralNormalized(nn.Module):
 
     @torch.no_grad()
     def refresh(self, n_iter: Optional[int] = None, tol: Optional[float] = None) -> int:
-        """Advance the persistent power iteration; returns the number of steps taken."""
+        """Advance the persistent power iteration (``acf.ops.spectral_norms``: the compiled extension
+        when it is loaded, ``power_iteration`` otherwise); returns the number of steps taken."""
+        from .ops import spectral_norms  # acf.ops imports this module
+
         if n_iter is None and tol is None:
             n_iter = self.n_iter
-        _, u, v, steps = power_iteration(self._op, self._op_t, self.v, n_iter=n_iter, tol=tol,
-                                         max_iter=self.max_iter)
-        self.u.copy_(u)
-        self.v.copy_(v)
-        return steps
+        _, steps = spectral_norms([self.weight.detach()], n_iter=n_iter, tol=tol, us=[self.u], vs=[self.v],
+                                  max_iter=self.max_iter, return_steps=True)
+        return int(steps[0])
 
     def sigma(self) -> torch.Tensor:
         """``u^T W v``: the current estimate of the operator norm, differentiable in W.

@@ -36,7 +36,7 @@ timeout 60 $PY -c "import acf.kernels.l2_attention" >>"$OUT/gpu_check.log" 2>&1 
 
 if ls csrc/*.cpp csrc/*.cu >/dev/null 2>&1 && grep -q "acf._C" setup.py; then
   log "building the C++/CUDA extension acf._C (timeout 90 s)"
-  MAX_JOBS=$NCPU timeout 90 $PY setup.py build_ext --inplace >>"$OUT/gpu_check.log" 2>&1 || log "extension build failed or timed out"
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} ACF_BUILD_CUDA=${ACF_BUILD_CUDA:-1} MAX_JOBS=$NCPU timeout 90 $PY setup.py build_ext --inplace >>"$OUT/gpu_check.log" 2>&1 || log "extension build failed or timed out"
 else
   log "no C++/CUDA extension sources (csrc/) or setup.py does not build acf._C: skipped"
 fi

@@ -18,3 +18,12 @@ def test_python_m_acf_reports_bad_arguments():
     proc = subprocess.run([sys.executable, "-m", "acf", "demo", "--size", "7", "--heads", "2", "--hidden", "8"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "divisible" in proc.stderr
+
+
+def test_info_lists_backends(capsys):
+    from acf.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("torch", "device", "extension", "triton", "l2_attention"):
+        assert word in out
