@@ -8,27 +8,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .block import ContractiveBlock
 from .branches import BRANCHES
-from .flow import ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, uniform_dequantize
-from .logdet import LogdetEstimator
-
-
-def demo_flow(arch: str, attention: Optional[str], heads: int, shape: tuple[int, int, int],
-              blocks: int, hidden: int) -> SequentialFlow:
-    """A small multi-scale stack: logit, then per scale ``blocks`` x (ActNorm, x + g(x)), squeeze between."""
-    c, h, w = shape
-    layers: list[torch.nn.Module] = [LogitTransform(0.05)]
-    for scale in range(2):
-        if scale:
-            layers.append(Squeeze())
-            c, h, w = c * 4, h // 2, w // 2
-        for _ in range(blocks):
-            kw = {"growth": hidden // 2, "depth": 2} if arch == "idensenet" else {"hidden": hidden}
-            g = BRANCHES[arch](c, (h, w), attention=attention, heads=heads, **kw)
-            layers += [ActNorm(c), ContractiveBlock(g, LogdetEstimator(method="roulette"),
-                                                     allow_uncertified=attention == "dot")]
-    return SequentialFlow(layers)
+from .flow import bits_per_dim, uniform_dequantize
+from .models import build_model
 
 
 def synthetic_images(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -47,7 +29,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     shape = (1, args.size, args.size)
     attention = None if args.attention == "none" else args.attention
-    flow = demo_flow(args.arch, attention, args.heads, shape, args.blocks, args.hidden)
+    flow = build_model(args.arch, attention, args.heads, shape, preset="cpu", blocks_per_scale=args.blocks,
+                       hidden=args.hidden, growth=args.hidden // 2, logit_alpha=0.05)
     # Give the attention a visible weight (gamma = 0 makes it the identity at initialisation).
     for name, p in flow.named_parameters():
         if name.endswith("gamma"):
@@ -88,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--arch", choices=sorted(BRANCHES), default="resflow")
     demo.add_argument("--attention", choices=["l2", "lipnorm", "dot", "none"], default="l2")
     demo.add_argument("--heads", type=int, default=4)
-    demo.add_argument("--size", type=int, default=16, help="image side (even)")
+    demo.add_argument("--size", type=int, default=16, help="image side (divisible by 4)")
     demo.add_argument("--blocks", type=int, default=2, help="residual blocks per scale")
     demo.add_argument("--hidden", type=int, default=32)
     demo.add_argument("--batch", type=int, default=8)

@@ -59,7 +59,7 @@ def test_dot_product_attention_breaks_the_block():
     and the fixed-point inverse does not converge."""
     torch.manual_seed(0)
     g = make_branch("iresnet", "dot", heads=1)
-    with pytest.raises(ValueError, match="bound inf >= 1"):
+    with pytest.raises(ValueError, match="DotProductAttention, which has no Lipschitz certificate"):
         ContractiveBlock(g)
     with pytest.warns(RuntimeWarning, match="not certified"):
         block = ContractiveBlock(g, allow_uncertified=True).eval()
@@ -145,3 +145,8 @@ def test_inverse_of_a_branch_near_its_bound():
         x_rec, info = block.inverse(y, return_info=True)
     assert info.iterations > 15 and bool(info.converged.all())
     assert float((x_rec - x).abs().max()) <= 1e-4
+
+
+def test_construction_needs_a_reported_bound():
+    with pytest.raises(TypeError, match="does not report a Lipschitz bound"):
+        ContractiveBlock(torch.nn.Identity())

@@ -1,0 +1,203 @@
+"""Whole ACF models: a short builder assembles the flow from the blocks (paper section 3-4).
+
+Layout (Residual Flows, Chen et al. 2019): logit transform, then ``n_scales`` stages, each a squeeze
+(the first one only with ``squeeze_first``) followed by ``blocks_per_scale`` x (ActNorm, ``x + g(x)``);
+with ``factor_out`` half of the channels leave as latents after every stage but the last (when
+their number is even); optionally ``fc_blocks`` fully connected
+contractive blocks on the flattened result (1x1 convolutions on a ``(D, 1, 1)`` view). The latent
+``z`` is flat, ``(batch, C*H*W)``, with a standard normal prior.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._checks import check_image
+from .block import ContractiveBlock
+from .branches import BRANCHES, resflow_branch
+from .flow import ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob
+from .logdet import LogdetEstimator
+
+ATTENTION_CHOICES = (None, "l2", "lipnorm", "dot")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines an ACF model; presets are named instances, overrides replace fields."""
+
+    arch: str = "resflow"
+    attention: Optional[str] = None
+    heads: int = 4
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    n_scales: int = 2
+    squeeze_first: bool = True       # squeeze before the first stage too (else only between stages)
+    blocks_per_scale: int = 2
+    hidden: int = 32                 # iresnet / resflow hidden channels
+    growth: int = 16                 # idensenet
+    depth: int = 3                   # idensenet
+    coeff: float = 0.97
+    factor_out: bool = False
+    fc_blocks: int = 0
+    fc_hidden: int = 64
+    logit_alpha: float = 1e-6
+    n_classes: Optional[int] = None  # hybrid model: a linear classifier on z
+    estimator: LogdetEstimator = field(default_factory=LogdetEstimator)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # The default CPU run: small enough for a 2-core laptop, valid for every data set's shape.
+    "cpu": dict(n_scales=2, blocks_per_scale=2, hidden=32, growth=16, depth=2, fc_blocks=0),
+    # Paper scale, after Residual Flows' settings (3 scales, 16 blocks, 512 hidden, FC blocks).
+    "mnist": dict(n_scales=3, squeeze_first=False, blocks_per_scale=16, hidden=512, coeff=0.98, factor_out=True, fc_blocks=4,
+                  fc_hidden=128, logit_alpha=1e-6),
+    "cifar10": dict(n_scales=3, squeeze_first=False, blocks_per_scale=16, hidden=512, coeff=0.98, factor_out=True, fc_blocks=4,
+                    fc_hidden=128, logit_alpha=0.05),
+    "imagenet32": dict(n_scales=3, squeeze_first=False, blocks_per_scale=32, hidden=512, coeff=0.98, factor_out=True, fc_blocks=4,
+                       fc_hidden=128, logit_alpha=0.05),
+}
+
+
+def model_config(arch: str = "resflow", attention: Optional[str] = None, heads: int = 4,
+                 input_shape: tuple[int, int, int] = (1, 28, 28), preset: Optional[str] = None,
+                 **overrides) -> ModelConfig:
+    """Resolve a preset plus overrides into a checked ``ModelConfig``."""
+    if arch not in BRANCHES:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(BRANCHES)}")
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTION_CHOICES}")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    names = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown model settings {unknown}; known: {sorted(names)}")
+    values = {**PRESETS.get(preset or "cpu", {}), **overrides}
+    cfg = ModelConfig(arch=arch, attention=attention, heads=heads, input_shape=tuple(input_shape), **values)
+    c, h, w = cfg.input_shape
+    k = 2 ** n_squeezes(cfg)
+    if h % k or w % k:
+        raise ValueError(f"input_shape {cfg.input_shape}: H and W must be divisible by {k} "
+                         f"({n_squeezes(cfg)} squeezes: n_scales={cfg.n_scales}, squeeze_first={cfg.squeeze_first})")
+    return cfg
+
+
+def n_squeezes(cfg: ModelConfig) -> int:
+    return cfg.n_scales - (0 if cfg.squeeze_first else 1)
+
+
+def _branch(cfg: ModelConfig, channels: int, hw: tuple[int, int]) -> nn.Module:
+    kw = {"growth": cfg.growth, "depth": cfg.depth} if cfg.arch == "idensenet" else {"hidden": cfg.hidden}
+    return BRANCHES[cfg.arch](channels, hw, coeff=cfg.coeff, attention=cfg.attention, heads=cfg.heads, **kw)
+
+
+def _block(cfg: ModelConfig, g: nn.Module) -> ContractiveBlock:
+    return ContractiveBlock(g, cfg.estimator, allow_uncertified=cfg.attention == "dot")
+
+
+class ACFModel(nn.Module):
+    """A multi-scale contractive flow: ``forward(x) -> (z, logdet)`` with flat ``z``, ``inverse(z)``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c, h, w = cfg.input_shape
+        self.pre = LogitTransform(cfg.logit_alpha)
+        self.stages = nn.ModuleList()
+        self.factored: list[tuple[int, int, int]] = []  # shapes of latents leaving after each stage
+        for scale in range(cfg.n_scales):
+            layers: list[nn.Module] = []
+            if scale > 0 or cfg.squeeze_first:
+                c, h, w = c * 4, h // 2, w // 2
+                layers.append(Squeeze())
+            for _ in range(cfg.blocks_per_scale):
+                layers += [ActNorm(c), _block(cfg, _branch(cfg, c, (h, w)))]
+            self.stages.append(SequentialFlow(layers))
+            if cfg.factor_out and scale < cfg.n_scales - 1 and c % 2 == 0:
+                self.factored.append((c // 2, h, w))
+                c //= 2
+        self.final_shape = (c, h, w)
+        dim = c * h * w
+        fc: list[nn.Module] = []
+        for _ in range(cfg.fc_blocks):
+            g = resflow_branch(dim, (1, 1), hidden=cfg.fc_hidden, coeff=cfg.coeff, kernels=(1, 1, 1))
+            fc += [ActNorm(dim), ContractiveBlock(g, cfg.estimator)]
+        self.fc = SequentialFlow(fc)
+        self.head = nn.Linear(math.prod(cfg.input_shape), cfg.n_classes) if cfg.n_classes else None
+
+    @property
+    def dims(self) -> int:
+        return math.prod(self.cfg.input_shape)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` in ``[0, 1]`` (dequantised), ``(B, C, H, W)`` -> flat ``z`` and ``log |det J|`` per sample."""
+        check_image(x, self.cfg.input_shape[0])
+        if tuple(x.shape[1:]) != self.cfg.input_shape:
+            raise ValueError(f"input has shape {tuple(x.shape[1:])}; this model was built for {self.cfg.input_shape}")
+        x, logdet = self.pre(x)
+        zs = []
+        for i, stage in enumerate(self.stages):
+            x, ld = stage(x)
+            logdet = logdet + ld
+            if i < len(self.factored):
+                z_i, x = x.chunk(2, dim=1)
+                zs.append(z_i.flatten(1))
+        b = x.shape[0]
+        x, ld = self.fc(x.reshape(b, -1, 1, 1))
+        zs.append(x.flatten(1))
+        return torch.cat(zs, dim=1), logdet + ld
+
+    def inverse(self, z: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        """Flat ``z`` -> ``x`` in ``[0, 1]``; ``kwargs`` (``tol``, ``max_iter``, ``on_fail``, ``method``)
+        reach the residual blocks."""
+        if z.dim() != 2 or z.shape[1] != self.dims:
+            raise ValueError(f"z must have shape (batch, {self.dims}), got {tuple(z.shape)}")
+        sizes = [math.prod(s) for s in self.factored] + [math.prod(self.final_shape)]
+        parts = list(z.split(sizes, dim=1))
+        b = z.shape[0]
+        x = self.fc.inverse(parts[-1].reshape(b, -1, 1, 1), **kwargs).reshape(b, *self.final_shape)
+        for i in reversed(range(len(self.stages))):
+            if i < len(self.factored):
+                x = torch.cat([parts[i].reshape(b, *self.factored[i]), x], dim=1)
+            x = self.stages[i].inverse(x, **kwargs)
+        return self.pre.inverse(x)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x)`` per sample for ``x`` in ``[0, 1]``."""
+        z, logdet = self(x)
+        return standard_normal_logprob(z) + logdet
+
+    def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Bits per dimension of dequantised 8-bit data ``x`` (DESIGN.md, "Data")."""
+        return bits_per_dim(self.log_prob(x), self.dims)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, **kwargs: object) -> torch.Tensor:
+        """``n`` images in ``[0, 1]`` from ``z ~ N(0, temperature^2 I)``."""
+        p = next(self.parameters())
+        z = torch.randn(n, self.dims, device=p.device, dtype=p.dtype) * temperature
+        return self.inverse(z, **kwargs).clamp(0.0, 1.0)
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Class logits of the hybrid model from the latent ``z``."""
+        if self.head is None:
+            raise ValueError("this model has no classification head (build it with n_classes=...)")
+        return self.head(z)
+
+    def lipschitz_bounds(self) -> list[float]:
+        """Certified Lipschitz bound of every residual branch, in order (all < 1)."""
+        return [m.lipschitz_bound() for m in self.modules() if isinstance(m, ContractiveBlock)]
+
+
+def build_model(arch: str = "resflow", attention: Optional[str] = None, heads: int = 4,
+                input_shape: tuple[int, int, int] = (1, 28, 28), preset: Optional[str] = None,
+                **overrides) -> ACFModel:
+    """Build an ACF model: ``arch`` in iresnet / resflow / idensenet, ``attention`` in None / l2 /
+    lipnorm / dot (ablation), a ``preset`` ("cpu", "mnist", "cifar10", "imagenet32") plus overrides."""
+    return ACFModel(model_config(arch, attention, heads, input_shape, preset, **overrides))
