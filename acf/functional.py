@@ -28,11 +28,14 @@ def l2_attention_reference(q: torch.Tensor, v: torch.Tensor, scale: float) -> to
     float32 so that half-precision inputs do not lose the per-key bias.
     """
     acc = torch.promote_types(q.dtype, torch.float32)
-    qa = q.to(acc)
-    sq = (qa * qa).sum(-1)  # ||q_j||^2, (B, H, N)
-    logits = scale * (2.0 * qa @ qa.transpose(-1, -2) - sq.unsqueeze(-2))
+    *lead, n, d = q.shape
+    qa = q.to(acc).reshape(-1, n, d)
+    sq = (qa * qa).sum(-1)  # ||q_j||^2, (B*H, N)
+    # logits = scale * (2 q_i.q_j - ||q_j||^2) in one fused N x N pass (forward and backward)
+    logits = torch.baddbmm((-scale * sq).unsqueeze(1), qa, qa.transpose(1, 2), alpha=2.0 * scale)
     p = torch.softmax(logits, dim=-1)
-    return (p @ v.to(acc)).to(v.dtype)
+    out = torch.bmm(p, v.to(acc).reshape(-1, n, v.shape[-1]))
+    return out.reshape(*lead, n, v.shape[-1]).to(v.dtype)
 
 
 def _augment(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -172,7 +172,7 @@ class SpectralLinear(_SpectralNormalized):
     """Linear layer ``y = x W_hat^T + b`` with ``||W_hat||_2 <= coeff``."""
 
     def __init__(self, in_features: int, out_features: int, coeff: float = 0.97, bias: bool = True,
-                 n_iter: int = 1, tol: float = 1e-6, max_iter: int = 500) -> None:
+                 n_iter: int = 1, tol: float = 1e-5, max_iter: int = 200) -> None:
         super().__init__(coeff, n_iter, tol, max_iter)
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -203,8 +203,8 @@ class SpectralConv2d(_SpectralNormalized):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, input_hw: tuple[int, int],
-                 coeff: float = 0.97, bias: bool = True, n_iter: int = 1, tol: float = 1e-6,
-                 max_iter: int = 500) -> None:
+                 coeff: float = 0.97, bias: bool = True, n_iter: int = 1, tol: float = 1e-5,
+                 max_iter: int = 200) -> None:
         super().__init__(coeff, n_iter, tol, max_iter)
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd for a 'same' convolution, got {kernel_size}")
