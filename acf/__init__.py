@@ -13,13 +13,16 @@ from .fixed_point import ConvergenceError, FixedPointInfo
 from .flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob,
                    uniform_dequantize)
 from .functional import l2_attention
+from .data import DATASETS, load_dataset
 from .logdet import LogdetEstimator, exact_logdet, logdet_estimate
+from .models import ACFModel, ModelConfig, build_model
 from .ops import fixed_point_solve, refresh_spectral_norms, spectral_norms
 from .spectral_norm import SpectralConv2d, SpectralLinear, power_iteration, spectral_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACFModel", "DATASETS", "ModelConfig", "build_model", "load_dataset",
     "ActNorm", "CLipSwish", "ContractiveBlock", "ConvergenceError", "DotProductAttention", "ELU",
     "FixedPointInfo", "L2MultiheadAttention", "LipNormAttention", "LipSwish", "LipschitzChain",
     "LogdetEstimator", "LogitTransform", "SequentialFlow", "SpectralConv2d", "SpectralLinear", "Squeeze",
