@@ -74,6 +74,16 @@ def _conv_ops(w: torch.Tensor):
 
 
 @torch.no_grad()
+def _check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    """Same device and dtype as ``ref``, and contiguous (the kernels read raw memory)."""
+    if t.device != ref.device:
+        raise ValueError(f"spectral_norms: {name} is on {t.device} but {ref_name} is on {ref.device} (mixed devices)")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"spectral_norms: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"spectral_norms: {name} is not contiguous (call .contiguous())")
+
+
 def spectral_norms(
     weights: Sequence[torch.Tensor],
     n_iter: Optional[int] = None,
@@ -141,13 +151,7 @@ def spectral_norms(
     w0 = weights[0]
     for i, w in enumerate(weights):
         check_tensor(w, f"weights[{i}]")
-        if w.device != w0.device:
-            raise ValueError(f"spectral_norms: weights[{i}] is on {w.device} but weights[0] is on {w0.device} "
-                             f"(mixed devices)")
-        if w.dtype != w0.dtype:
-            raise TypeError(f"spectral_norms: weights[{i}] has dtype {w.dtype} but weights[0] has {w0.dtype}")
-        if not w.is_contiguous():
-            raise ValueError(f"spectral_norms: weights[{i}] is not contiguous (call .contiguous())")
+        _check_like(w, f"weights[{i}]", w0, "weights[0]")
         if w.dim() == 4 and (w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0):
             raise ValueError(f"spectral_norms: weights[{i}] has shape {tuple(w.shape)}; convolution kernels "
                              f"must be odd and square")
@@ -175,13 +179,7 @@ def spectral_norms(
         for i, t in enumerate(vecs):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"spectral_norms: {name}[{i}] must be a torch.Tensor")
-            if t.device != w0.device:
-                raise ValueError(f"spectral_norms: {name}[{i}] is on {t.device} but the weights are on {w0.device} "
-                                 f"(mixed devices)")
-            if t.dtype != w0.dtype:
-                raise TypeError(f"spectral_norms: {name}[{i}] has dtype {t.dtype} but the weights have {w0.dtype}")
-            if not t.is_contiguous():
-                raise ValueError(f"spectral_norms: {name}[{i}] is not contiguous (it is updated in place)")
+            _check_like(t, f"{name}[{i}]", w0, "the weights")
 
     # 1x1 kernels are matrices; kxk kernels need (1, C, H, W) vectors.
     ops_w = []
@@ -299,21 +297,9 @@ class _ConvergencePoller:
         return False
 
 
-def _banach_step_torch(x, gx, y, thr, converged, residual, counter, update):
-    r = (x + gx - y).abs().amax(1)
-    active = ~converged
-    newly = active & (r <= thr)
-    residual.copy_(torch.where(active, r, residual))
-    still = active & ~newly
-    converged |= newly
-    counter.add_(still.sum().to(counter.dtype))
-    if update:
-        x.copy_(torch.where(still.unsqueeze(1), y - gx, x))
-
-
-def _anderson_step_torch(x, gx, y, thr, converged, residual, counter, xh, fh, gram, slot, filled, reg, beta,
-                         update):
-    f = y - gx - x
+def _mark_converged(f, thr, converged, residual, counter):
+    """Residual ``max |f|`` per open sample, convergence mask and open-sample count; returns the samples
+    still open (the bookkeeping both pure-PyTorch steps share with the fused kernels)."""
     r = f.abs().amax(1)
     active = ~converged
     newly = active & (r <= thr)
@@ -321,6 +307,19 @@ def _anderson_step_torch(x, gx, y, thr, converged, residual, counter, xh, fh, gr
     still = active & ~newly
     converged |= newly
     counter.add_(still.sum().to(counter.dtype))
+    return still
+
+
+def _banach_step_torch(x, gx, y, thr, converged, residual, counter, update):
+    still = _mark_converged(y - gx - x, thr, converged, residual, counter)
+    if update:
+        x.copy_(torch.where(still.unsqueeze(1), y - gx, x))
+
+
+def _anderson_step_torch(x, gx, y, thr, converged, residual, counter, xh, fh, gram, slot, filled, reg, beta,
+                         update):
+    f = y - gx - x
+    still = _mark_converged(f, thr, converged, residual, counter)
     if not update:
         return
     s1 = still.unsqueeze(1)
