@@ -323,6 +323,19 @@ T row_residual(const T* x, const T* gx, const T* y, int64_t D) {
   return m;
 }
 
+// Residual of sample b, stored; marks it converged when within its tolerance. Returns whether the
+// sample stays open (the bookkeeping shared by the Banach and Anderson steps).
+template <typename T>
+bool row_stays_open(const T* xb, const T* gb, const T* yb, int64_t D, T thr, T* residual, bool* converged) {
+  const T r = row_residual(xb, gb, yb, D);
+  *residual = r;
+  if (r <= thr) {
+    *converged = true;
+    return false;
+  }
+  return true;
+}
+
 void banach_step_cpu(at::Tensor& x, const at::Tensor& gx, const at::Tensor& y, const at::Tensor& thr,
                      at::Tensor& converged, at::Tensor& residual, at::Tensor& counter, bool update) {
   check_step_inputs("banach_step", x, gx, y, thr, converged, residual, counter);
@@ -341,12 +354,7 @@ void banach_step_cpu(at::Tensor& x, const at::Tensor& gx, const at::Tensor& y, c
         scalar_t* xb = xp + b * D;
         const scalar_t* gb = gp + b * D;
         const scalar_t* yb = yp + b * D;
-        const scalar_t r = row_residual(xb, gb, yb, D);
-        rp[b] = r;
-        if (r <= tp[b]) {
-          cp[b] = true;
-          continue;
-        }
+        if (!row_stays_open(xb, gb, yb, D, tp[b], rp + b, cp + b)) continue;
         open[b] = 1;
         if (update)
           for (int64_t i = 0; i < D; ++i) xb[i] = yb[i] - gb[i];
@@ -446,12 +454,7 @@ void anderson_step_cpu(at::Tensor& x, const at::Tensor& gx, const at::Tensor& y,
         scalar_t* xb = xp + b * D;
         const scalar_t* gb = gp + b * D;
         const scalar_t* yb = yp + b * D;
-        const scalar_t r = row_residual(xb, gb, yb, D);
-        rp[b] = r;
-        if (r <= tp[b]) {
-          cp[b] = true;
-          continue;
-        }
+        if (!row_stays_open(xb, gb, yb, D, tp[b], rp + b, cp + b)) continue;
         open[b] = 1;
         if (!update) continue;
         scalar_t* xs = xhp + (b * m + slot) * D;
