@@ -1,0 +1,81 @@
+"""Working with a finished (or checkpointed) run: test bits/dim, samples, reconstructions and
+latent interpolations (paper section 4.4), each written into the run folder."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .data import ImageDataset, load_dataset, to_float
+from .figures import save_grid
+from .flow import uniform_dequantize
+from .models import ACFModel
+from .train import TrainConfig, build_for, config_from_dict
+
+
+def load_run(run: Path, device: str = "cpu") -> tuple[TrainConfig, ACFModel, ImageDataset]:
+    """The run's configuration, its EMA model (eval mode) and its test set."""
+    run = Path(run)
+    cfg_file, ckpt_file = run / "config.json", run / "checkpoint.pt"
+    for f in (cfg_file, ckpt_file):
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: not found; {run} is not a run folder written by `acf train`")
+    cfg = config_from_dict(json.loads(cfg_file.read_text())["train"])
+    model = build_for(cfg).to(device)
+    ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    return cfg, model.eval(), load_dataset(cfg.data, cfg.data_root, "test")
+
+
+@torch.no_grad()
+def evaluate_bits_per_dim(model: ACFModel, test: ImageDataset, n: Optional[int] = None, probes: int = 1,
+                      batch_size: int = 64, seed: int = 0) -> tuple[float, float]:
+    """Mean test bits/dim with the unbiased estimator (the model's evaluation settings), averaged over
+    ``probes`` independent draws per image; returns ``(mean, standard error over images)``."""
+    torch.manual_seed(seed)
+    n = len(test) if n is None else min(n, len(test))
+    per_image = []
+    for start in range(0, n, batch_size):
+        images, _ = test[slice(start, min(start + batch_size, n))]
+        x = to_float(images).to(next(model.parameters()).device)
+        per_image.append(torch.stack([model.bits_per_dim(uniform_dequantize(x)) for _ in range(probes)]).mean(0))
+    bpd = torch.cat(per_image)
+    return float(bpd.mean()), float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
+
+
+@torch.no_grad()
+def interpolations(model: ACFModel, test: ImageDataset, pairs: int = 4, steps: int = 8) -> torch.Tensor:
+    """Images decoded from ``z = (1 - t) z_a + t z_b`` between consecutive test images (rows = pairs)."""
+    images, _ = test[slice(0, 2 * pairs)]
+    x = uniform_dequantize(to_float(images).to(next(model.parameters()).device))
+    z, _ = model(x)
+    t = torch.linspace(0, 1, steps, device=z.device, dtype=z.dtype).view(1, -1, 1)
+    path = (1 - t) * z[0::2].unsqueeze(1) + t * z[1::2].unsqueeze(1)  # (pairs, steps, D)
+    return model.inverse(path.reshape(pairs * steps, -1)).clamp(0, 1)
+
+
+def write_samples(run: Path, model: ACFModel, n: int = 64, temperature: float = 0.8) -> Path:
+    out = Path(run) / "samples.png"
+    save_grid(model.sample(n, temperature=temperature), out, int(math.sqrt(n)) or 1, f"samples (T={temperature})")
+    return out
+
+
+@torch.no_grad()
+def write_reconstructions(run: Path, model: ACFModel, test: ImageDataset, n: int = 8) -> tuple[Path, float]:
+    images, _ = test[slice(0, n)]
+    x = uniform_dequantize(to_float(images).to(next(model.parameters()).device))
+    z, _ = model(x)
+    x_rec = model.inverse(z)
+    err = float((x_rec - x).abs().max())
+    out = Path(run) / "reconstructions.png"
+    save_grid(torch.cat([x, x_rec]), out, 2, f"reconstructions (max error {err:.1e})")
+    return out, err
+
+
+def write_interpolations(run: Path, model: ACFModel, test: ImageDataset, pairs: int = 4, steps: int = 8) -> Path:
+    out = Path(run) / "interpolations.png"
+    save_grid(interpolations(model, test, pairs, steps), out, pairs, "latent interpolation between test pairs")
+    return out

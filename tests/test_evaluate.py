@@ -1,0 +1,54 @@
+"""acf evaluate / sample / reconstruct / interpolate on a tiny trained run."""
+import json
+
+import pytest
+import torch
+
+from acf.cli import main
+from acf.evaluate import interpolations, load_run, evaluate_bits_per_dim
+from acf.train import TrainConfig, train
+
+TINY = dict(data="digits", heads=2, steps=2, batch_size=16, eval_every=2, eval_size=16, n_exact_eval=2, warmup=2)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(TrainConfig(**TINY), out, progress=False)
+    return out
+
+
+def test_commands_write_their_files(run, capsys):
+    assert main(["evaluate", str(run), "--n", "32", "--n-exact", "3", "--probes", "2"]) == 0
+    result = json.loads((run / "evaluation.json").read_text())
+    assert 0 < result["test_bpd"] < 16 and result["standard_error"] > 0 and result["n_exact"] == 3
+    for cmd in (["sample", str(run), "--n", "4"], ["reconstruct", str(run), "--n", "4"],
+                ["interpolate", str(run), "--pairs", "2", "--steps", "3"]):
+        assert main(cmd) == 0
+    for name in ("samples.png", "reconstructions.png", "interpolations.png"):
+        assert (run / name).stat().st_size > 0
+    err = float(capsys.readouterr().out.split("max |f^-1(f(x)) - x| = ")[1].split()[0])
+    assert err <= 1e-4
+
+
+def test_interpolation_endpoints_are_the_test_images(run):
+    _, model, test = load_run(run)
+    torch.manual_seed(0)
+    imgs = interpolations(model, test, pairs=2, steps=3).reshape(2, 3, *test.input_shape)
+    # t = 0 and t = 1 decode the (dequantised) test images themselves: within a dequantisation bin.
+    x = test.images[:4].float() / 255
+    assert float((imgs[:, 0] - x[0::2]).abs().max()) < 1.5 / 255
+    assert float((imgs[:, -1] - x[1::2]).abs().max()) < 1.5 / 255
+
+
+def test_standard_error_shrinks_with_probes(run):
+    _, model, test = load_run(run)
+    mean1, se1 = evaluate_bits_per_dim(model, test, n=32, probes=1)
+    mean4, se4 = evaluate_bits_per_dim(model, test, n=32, probes=4)
+    assert abs(mean1 - mean4) < 4 * se1 and se4 <= se1 * 1.05
+
+
+def test_missing_run_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        load_run(tmp_path)
+    assert main(["sample", str(tmp_path)]) == 2
