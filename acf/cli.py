@@ -128,6 +128,21 @@ def cmd_figure(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perturb(args: argparse.Namespace) -> int:
+    from .evaluate import awgn_robustness, load_run, write_awgn
+
+    if any(s < 0 for s in args.sigma):
+        raise ValueError(f"noise levels must be >= 0, got {args.sigma}")
+    _, model, test = load_run(args.run, args.device)
+    rows = awgn_robustness(model, test, args.sigma, args.n)
+    for r in rows:
+        print(f"sigma {r['sigma']:<6g} bits/dim {r['bits_per_dim']:.4f}  reconstruction error "
+              f"{r['reconstruction_error']:.2e}")
+    csv_path, png_path = write_awgn(args.run, rows)
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .ops import format_backend_info
 
@@ -192,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pairs", type=int, default=4)
         p.add_argument("--steps", type=int, default=8)
         p.set_defaults(func=cmd_figure)
+    pt = sub.add_parser("perturb", help="AWGN robustness: bits/dim and reconstruction error against noise level")
+    pt.add_argument("run")
+    pt.add_argument("--sigma", type=float, nargs="+", default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.2])
+    pt.add_argument("--n", type=int, default=64, help="test images")
+    pt.add_argument("--device", default="cpu")
+    pt.set_defaults(func=cmd_perturb)
     info = sub.add_parser("info", help="versions, active backends (Triton, extension, reference) and device")
     info.set_defaults(func=cmd_info)
     return parser

@@ -52,3 +52,12 @@ def test_missing_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         load_run(tmp_path)
     assert main(["sample", str(tmp_path)]) == 2
+
+
+def test_perturb_writes_csv_and_plot(run):
+    assert main(["perturb", str(run), "--sigma", "0", "0.05", "--n", "8"]) == 0
+    rows = (run / "perturb.csv").read_text().strip().splitlines()
+    assert rows[0] == "sigma,bits_per_dim,reconstruction_error" and len(rows) == 3
+    assert all(float(v) == float(v) for row in rows[1:] for v in row.split(","))  # no NaN
+    assert (run / "perturb.png").stat().st_size > 0
+    assert main(["perturb", str(run), "--sigma", "-0.1"]) == 2
