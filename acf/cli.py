@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -84,8 +85,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**given)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run = Path(args.out) if args.out else Path("runs") / f"{stamp}-{cfg.arch}-{cfg.attention or 'none'}-{cfg.data}"
-    print(f"acf train: {cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, {cfg.steps} steps -> {run}")
+    from . import distributed
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"acf train: {cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, {cfg.steps} steps -> {run}")
     trainer = train(cfg, run, resume=bool(args.resume))
+    if not distributed.is_main():
+        return 0
     last = trainer.history[-1]
     print(f"done in {last['seconds']:.0f} s of training: test bits/dim {last['test_bpd']:.4f}"
           + (f", accuracy {last['test_acc']:.4f}" if last.get("test_acc") is not None else ""))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import distributed
 from .data import DATASETS, epoch_seed, load_dataset, to_float
 from .flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from .logdet import LogdetEstimator
@@ -104,7 +105,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = torch.device(cfg.device)
-        torch.manual_seed(cfg.seed)
+        self.rank, self.world = distributed.init(self.device)
+        torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.train_set = load_dataset(cfg.data, cfg.data_root, "train")
         self.test_set = load_dataset(cfg.data, cfg.data_root, "test")
         if len(self.train_set) < cfg.batch_size:
@@ -114,6 +116,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
         self.step, self.history, self.seconds = 0, [], 0.0
         self.ema: Optional[ACFModel] = None
+        torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # own dequantisation noise and probes per rank
 
     # ---- data ---------------------------------------------------------------------------------
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +125,7 @@ class Trainer:
         epoch, i = divmod(step, per_epoch)
         gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch))
         idx = torch.randperm(len(self.train_set), generator=gen)[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
-        images, labels = self.train_set[idx]
+        images, labels = self.train_set[idx[self.rank::self.world]]  # this rank's share of the global batch
         return to_float(images).to(self.device), labels.to(self.device)
 
     # ---- one step -----------------------------------------------------------------------------
@@ -142,15 +145,18 @@ class Trainer:
         if self.ema is None:  # data-dependent ActNorm initialisation on the first batch, then the EMA copy
             with torch.no_grad():
                 self.model(uniform_dequantize(x))
+            distributed.broadcast_state(self.model)
             self.ema = copy.deepcopy(self.model).eval()
         loss, bpd, _ = self.objective(self.model, x, y)
-        if not torch.isfinite(loss):
+        if not distributed.all_ranks(bool(torch.isfinite(loss))):
             raise NonFiniteLossError(f"non-finite loss ({float(loss.detach())}) at step {self.step + 1}; the last good "
                                      f"checkpoint in {self.run_dir} is unchanged")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.model)
         self.opt.step()
         self.sched.step()
+        distributed.broadcast_state(self.model)  # keeps the spectral-norm u/v identical across ranks
         self._update_ema()
         self.step += 1
         return float(bpd.detach().mean())
@@ -187,10 +193,14 @@ class Trainer:
     def state(self) -> dict:
         return {"config": asdict(self.cfg), "step": self.step, "seconds": self.seconds, "history": self.history,
                 "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "rng": torch.get_rng_state()}
+                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "world_size": self.world,
+                "rng": distributed.gather_objects(torch.get_rng_state())}
 
     def save(self) -> None:
-        _atomic_write(self.run_dir / "checkpoint.pt", lambda tmp: torch.save(self.state(), tmp))
+        state = self.state()  # collective: every rank takes part
+        if distributed.is_main():
+            _atomic_write(self.run_dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+        distributed.barrier()
 
     def load(self, path: Path) -> None:
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
@@ -205,11 +215,13 @@ class Trainer:
         self.opt.load_state_dict(ckpt["opt"])
         self.sched.load_state_dict(ckpt["sched"])
         self.step, self.seconds, self.history = ckpt["step"], ckpt["seconds"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("world_size", 1) == self.world:  # exact continuation needs every rank's generator
+            torch.set_rng_state(ckpt["rng"][self.rank])
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self, progress: bool = True) -> dict:
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", disable=not progress)
+        main = distributed.is_main()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", disable=not (progress and main))
         recent: list[float] = []
         while self.step < self.cfg.steps:
             t0 = time.perf_counter()
@@ -218,16 +230,19 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(bpd=f"{sum(recent[-20:]) / len(recent[-20:]):.3f}")
             if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
-                test_bpd, acc = self.evaluate(self.cfg.eval_size)
-                self.history.append({"step": self.step, "train_bpd": sum(recent) / len(recent),
-                                     "test_bpd": test_bpd, "test_acc": acc, "seconds": round(self.seconds, 2),
-                                     "lipschitz_max": max(self.model.lipschitz_bounds())})
+                if main:  # rank 0 evaluates and writes; the others wait in save()
+                    test_bpd, acc = self.evaluate(self.cfg.eval_size)
+                    self.history.append({"step": self.step, "train_bpd": sum(recent) / len(recent),
+                                         "test_bpd": test_bpd, "test_acc": acc, "seconds": round(self.seconds, 2),
+                                         "lipschitz_max": max(self.model.lipschitz_bounds())})
+                    bar.write(f"step {self.step}: test bits/dim {test_bpd:.4f}"
+                              + (f", accuracy {acc:.4f}" if acc is not None else ""))
+                    _write_metrics(self.run_dir, self.history)
                 recent = []
-                bar.write(f"step {self.step}: test bits/dim {test_bpd:.4f}"
-                          + (f", accuracy {acc:.4f}" if acc is not None else ""))
                 self.save()
-                _write_metrics(self.run_dir, self.history)
         bar.close()
+        if not distributed.parameters_agree(self.model):
+            raise RuntimeError("data-parallel ranks ended with different parameters")
         return self.history[-1] if self.history else {}
 
 
@@ -243,12 +258,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
     trainer = Trainer(cfg, run_dir)
     if resume:
         trainer.load(ckpt)
-    _atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(
-        {"train": asdict(cfg), "model": trainer.model.cfg.to_dict()}, indent=1, default=str)))
+    if distributed.is_main():
+        _atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(
+            {"train": asdict(cfg), "model": trainer.model.cfg.to_dict(), "world_size": trainer.world},
+            indent=1, default=str)))
     trainer.run(progress)
-    from .figures import write_figures
+    if distributed.is_main():
+        from .figures import write_figures
 
-    write_figures(trainer)
+        write_figures(trainer)
+    distributed.barrier()
     return trainer
 
 
