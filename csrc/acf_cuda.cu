@@ -124,41 +124,7 @@ __global__ void anderson_kernel(T* __restrict__ x, const T* __restrict__ gx, con
       G[slot * m + j] = s;
       G[j * m + slot] = s;
     }
-    const int n = filled;
-    double L[kMaxAndersonMemory * kMaxAndersonMemory];
-    double dmax = 0.0;
-    for (int i = 0; i < n; ++i) dmax = fmax(dmax, G[i * m + i]);
-    const double lam = reg * (dmax > 0.0 ? dmax : 1.0);
-    bool ok = true;
-    for (int i = 0; i < n && ok; ++i) {
-      for (int j = 0; j <= i; ++j) {
-        double s = G[i * m + j] + (i == j ? lam : 0.0);
-        for (int k = 0; k < j; ++k) s -= L[i * n + k] * L[j * n + k];
-        if (i == j) {
-          if (!(s > 0.0)) { ok = false; break; }
-          L[i * n + i] = sqrt(s);
-        } else {
-          L[i * n + j] = s / L[j * n + j];
-        }
-      }
-    }
-    double z[kMaxAndersonMemory];
-    double total = 0.0;
-    if (ok) {
-      for (int i = 0; i < n; ++i) {  // L w = 1
-        double s = 1.0;
-        for (int k = 0; k < i; ++k) s -= L[i * n + k] * z[k];
-        z[i] = s / L[i * n + i];
-      }
-      for (int i = n - 1; i >= 0; --i) {  // L^T z = w
-        double s = z[i];
-        for (int k = i + 1; k < n; ++k) s -= L[k * n + i] * z[k];
-        z[i] = s / L[i * n + i];
-      }
-      for (int i = 0; i < n; ++i) total += z[i];
-      ok = isfinite(total) && total != 0.0;
-    }
-    for (int i = 0; i < n; ++i) salpha[i] = ok ? z[i] / total : (i == slot ? 1.0 : 0.0);
+    acf_anderson::anderson_weights(G, m, filled, slot, reg, salpha);
   }
   __syncthreads();
 

@@ -6,9 +6,11 @@
 #pragma once
 #include <cstdint>
 
+#include "anderson.h"
+
 namespace acf_cuda {
 
-constexpr int kMaxAndersonMemory = 16;
+constexpr int kMaxAndersonMemory = acf_anderson::kMaxMemory;
 
 // One Banach step for every sample b in [0, B) that has not converged yet (rows of length D):
 //   residual[b] = max_i |x + gx - y|;  converged[b] = residual[b] <= thr[b];

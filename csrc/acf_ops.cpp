@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "anderson.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,7 +27,7 @@
 
 namespace {
 
-constexpr int kMaxAndersonMemory = 16;
+constexpr int kMaxAndersonMemory = acf_anderson::kMaxMemory;
 
 // ---------------------------------------------------------------------------------------------
 // Batched power iteration
@@ -366,48 +368,6 @@ void banach_step_cpu(at::Tensor& x, const at::Tensor& gx, const at::Tensor& y, c
   });
 }
 
-// Solve (G + reg * max(diag G) I) z = 1 by Cholesky (n <= kMaxAndersonMemory); alpha = z / sum(z).
-// Falls back to alpha = e_slot (a plain Banach step) if the system is not positive definite.
-void anderson_weights(const double* G, int m, int n, int slot, double reg, double* alpha) {
-  double L[kMaxAndersonMemory * kMaxAndersonMemory];
-  double z[kMaxAndersonMemory];
-  double dmax = 0.0;
-  for (int i = 0; i < n; ++i) dmax = std::max(dmax, G[i * m + i]);
-  const double lam = reg * (dmax > 0.0 ? dmax : 1.0);
-  bool ok = true;
-  for (int i = 0; i < n && ok; ++i) {
-    for (int j = 0; j <= i; ++j) {
-      double s = G[i * m + j] + (i == j ? lam : 0.0);
-      for (int k = 0; k < j; ++k) s -= L[i * n + k] * L[j * n + k];
-      if (i == j) {
-        if (!(s > 0.0)) {
-          ok = false;
-          break;
-        }
-        L[i * n + i] = std::sqrt(s);
-      } else {
-        L[i * n + j] = s / L[j * n + j];
-      }
-    }
-  }
-  double total = 0.0;
-  if (ok) {
-    for (int i = 0; i < n; ++i) {
-      double s = 1.0;
-      for (int k = 0; k < i; ++k) s -= L[i * n + k] * z[k];
-      z[i] = s / L[i * n + i];
-    }
-    for (int i = n - 1; i >= 0; --i) {
-      double s = z[i];
-      for (int k = i + 1; k < n; ++k) s -= L[k * n + i] * z[k];
-      z[i] = s / L[i * n + i];
-    }
-    for (int i = 0; i < n; ++i) total += z[i];
-    ok = std::isfinite(total) && total != 0.0;
-  }
-  for (int i = 0; i < n; ++i) alpha[i] = ok ? z[i] / total : (i == slot ? 1.0 : 0.0);
-}
-
 void check_anderson_state(const at::Tensor& x, const at::Tensor& xh, const at::Tensor& fh, const at::Tensor& gram,
                           int64_t slot, int64_t filled) {
   const int64_t B = x.size(0), D = x.size(1);
@@ -472,7 +432,7 @@ void anderson_step_cpu(at::Tensor& x, const at::Tensor& gx, const at::Tensor& y,
           G[j * m + slot] = s;
         }
         double alpha[kMaxAndersonMemory];
-        anderson_weights(G, m, (int)filled, (int)slot, reg, alpha);
+        acf_anderson::anderson_weights(G, m, (int)filled, (int)slot, reg, alpha);
         for (int64_t i = 0; i < D; ++i) {
           const double base = (double)xs[i] + beta * (double)fs[i];
           double s = base;
