@@ -11,6 +11,7 @@ CUDA build of several GB). Environment flags:
 * ``ACF_NO_EXTENSION=1``: do not build ``acf._C`` (pure-PyTorch reference paths only).
 * ``ACF_BUILD_CUDA=1`` / ``0``: force / skip the CUDA kernels. Default: build them when the
   installed torch is a CUDA build and ``nvcc`` (CUDA_HOME) is found.
+* ``ACF_PORTABLE=1``: build ``acf._C`` for any CPU of this architecture (no ``-march=native``).
 * ``ACF_REQUIRE_EXTENSION=1``: a failed extension build fails the install (default: warn and
   install the pure-Python package, which then warns once at import and uses the references).
 """
@@ -20,7 +21,7 @@ import warnings
 
 from setuptools import setup
 
-CPU_SOURCES = ["csrc/acf_ops.cpp"]
+CPU_SOURCES = ["csrc/acf_ops.cpp", "csrc/l2_attention_cpu.cpp"]
 CUDA_SOURCES = ["csrc/acf_cuda.cu"]
 
 
@@ -34,6 +35,28 @@ def _flag(name):
 def _note(msg):
     print(f"acf setup: {msg}", file=sys.stderr)
     warnings.warn(msg)
+
+
+def compile_flags():
+    """C++ flags of ``acf._C``.
+
+    * ``-g0``: no debug info (a smaller .so, a faster build).
+    * ``-fno-trapping-math``: nothing here traps on FP exceptions; it lets GCC vectorise loops with
+      clamps (the exp of ``csrc/l2_attention_cpu.cpp``).
+    * ``-march=native`` (x86-64 / aarch64, unless ``ACF_PORTABLE=1``): the extension is built on the
+      machine that runs it; AVX-512 / AVX2 make the CPU attention loops 1.3-1.7x faster than SSE2.
+    * ``-fopenmp`` (Linux, compile only): ``at::parallel_for`` is an OpenMP pragma in torch's Linux
+      builds, ignored without it (one thread). Not linked: the pragmas call the OpenMP runtime torch
+      has already loaded, never a second one.
+    """
+    import platform
+
+    cxx = ["-O3", "-g0", "-fno-trapping-math"]
+    if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64") and not _flag("ACF_PORTABLE"):
+        cxx.append("-march=native" if sys.platform != "darwin" else "-mcpu=native")
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+    return cxx
 
 
 def extension_config():
@@ -57,7 +80,7 @@ def extension_config():
         raise RuntimeError(f"ACF_BUILD_CUDA=1 but torch {torch.__version__} (CUDA {torch.version.cuda}) "
                            f"and CUDA_HOME={cpp_extension.CUDA_HOME} cannot build CUDA code")
     with_cuda = cuda_possible if want_cuda is None else want_cuda
-    cxx = ["-O3", "-g0"]  # no debug info: a smaller .so and a faster build
+    cxx = compile_flags()
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             "acf._C", CPU_SOURCES + CUDA_SOURCES, define_macros=[("WITH_CUDA", None)],

@@ -12,10 +12,12 @@ and is the reference every fast backend is tested against.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
+from torch import Tensor
 
+from . import _ext
 from ._checks import check_tensor
 
 Backend = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -97,6 +99,106 @@ def l2_attention_sdpa(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.T
     return _sdpa_graph(q, v, scale)
 
 
+class FusedKernels(Protocol):
+    """The three passes a fused backend provides on ``(B, H, N, d)`` / ``(B, H, N, e)`` tensors.
+
+    ``forward`` returns ``O`` and what the backward needs (e.g. the log-sum-exp, or P);
+    ``backward`` returns ``(dq, dv)`` for ``G = dL/dO`` and what the double backward needs;
+    ``double_backward`` returns the tangents ``(dq', dv', O')`` of ``(dq, dv, O)`` in the
+    direction ``(u, w)`` (the cotangents of ``(dq, dv)``); see ``acf.kernels.l2_attention``.
+    """
+
+    def forward(self, q: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]: ...
+
+    def backward(self, q: Tensor, v: Tensor, o: Tensor, g: Tensor, saved: tuple[Tensor, ...]
+                 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]: ...
+
+    def double_backward(self, q: Tensor, v: Tensor, o: Tensor, g: Tensor, saved: tuple[Tensor, ...],
+                        extra: tuple[Tensor, ...], u: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+class _FusedL2AttentionBackward(torch.autograd.Function):
+    """(q, v, G) -> (dq, dv) by ``kernels.backward``; differentiable once more (``double_backward``)."""
+
+    @staticmethod
+    def forward(ctx, q, v, o, g, kernels, *saved):
+        dq, dv, extra = kernels.backward(q, v, o, g, saved)
+        ctx.save_for_backward(q, v, o, g, *saved, *extra)
+        ctx.kernels, ctx.n_saved = kernels, len(saved)
+        return dq, dv
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, u, w):
+        q, v, o, g, *rest = ctx.saved_tensors
+        saved, extra = tuple(rest[:ctx.n_saved]), tuple(rest[ctx.n_saved:])
+        gq, gv, gg = ctx.kernels.double_backward(q, v, o, g, saved, extra, u.to(q.dtype), w.to(v.dtype))
+        return (gq, gv, None, gg, None) + (None,) * ctx.n_saved
+
+
+class _FusedL2Attention(torch.autograd.Function):
+    """q, v -> O by ``kernels.forward``; backward through ``_FusedL2AttentionBackward``."""
+
+    @staticmethod
+    def forward(ctx, q, v, kernels):
+        o, saved = kernels.forward(q, v)
+        ctx.save_for_backward(q, v, o, *saved)
+        ctx.kernels = kernels
+        return o
+
+    @staticmethod
+    def backward(ctx, g):
+        q, v, o, *saved = ctx.saved_tensors
+        dq, dv = _FusedL2AttentionBackward.apply(q, v, o.detach(), g.to(v.dtype), ctx.kernels, *saved)
+        return dq, dv, None
+
+
+def fused_l2_attention(q: Tensor, v: Tensor, kernels: FusedKernels) -> Tensor:
+    """L2 attention through a fused backend's three passes, differentiable twice."""
+    return _FusedL2Attention.apply(q, v, kernels)
+
+
+class _CPUKernels:
+    """``acf._C``'s CPU kernels (``csrc/l2_attention_cpu.cpp``): one (batch, head) at a time, so the
+    head's N x N matrices stay in cache; the forward saves P (memory ``B H N^2``, like the
+    reference, which keeps several such matrices per call)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    @staticmethod
+    def _heads(t: Tensor) -> Tensor:
+        return t.reshape(-1, *t.shape[-2:]).contiguous()
+
+    def forward(self, q: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        o, p = torch.ops.acf.l2_attention_fwd(self._heads(q), self._heads(v), self.scale)
+        return o.reshape(v.shape), (p,)
+
+    def backward(self, q, v, o, g, saved):
+        dq, dv = torch.ops.acf.l2_attention_bwd(*map(self._heads, (q, v, saved[0], g)), self.scale)
+        return dq.reshape(q.shape), dv.reshape(v.shape), ()
+
+    def double_backward(self, q, v, o, g, saved, extra, u, w):
+        gq, gv, gg = torch.ops.acf.l2_attention_bwd2(*map(self._heads, (q, v, saved[0], g, u, w)), self.scale)
+        return gq.reshape(q.shape), gv.reshape(v.shape), gg.reshape(v.shape)
+
+
+def l2_attention_cpu(q: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``acf._C``'s per-head CPU kernels (float32 / float64), differentiable twice."""
+    if q.device.type != "cpu" or q.dtype not in _CPU_DTYPES or not _ext.available():
+        raise ValueError(f"l2_attention backend 'cpu' needs CPU float32/float64 tensors and the compiled "
+                         f"extension acf._C (got {q.dtype} on {q.device}; extension loaded: {_ext.available()})")
+    return fused_l2_attention(q, v, _CPUKernels(scale))
+
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def cpu_kernels_available() -> bool:
+    """True if ``acf._C`` loaded with its L2 attention kernels."""
+    return _ext.available() and hasattr(torch.ops.acf, "l2_attention_fwd")
+
+
 def l2_attention_triton(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Fused Triton kernels (``acf.kernels.l2_attention``), differentiable twice."""
     from .kernels.l2_attention import l2_attention_triton as fused  # imports triton lazily
@@ -108,6 +210,7 @@ _BACKENDS: dict[str, Backend] = {
     "reference": l2_attention_reference,
     "sdpa": l2_attention_sdpa,
     "triton": l2_attention_triton,
+    "cpu": l2_attention_cpu,
 }
 
 
@@ -138,15 +241,17 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
 
     * CUDA: ``"triton"`` (fused forward, VJP and double VJP) when Triton imports, the dtype is
       fp16/bf16/fp32/fp64 and both head dims are <= 128; otherwise ``"reference"``.
-    * Anywhere else (CPU): ``"reference"``. ``"sdpa"`` is never chosen automatically: it is
-      first-order only and, at forward time, nothing tells whether the caller will differentiate
-      a VJP later (the Neumann log-det gradient does, with ``create_graph=True``). Measured on
-      2 CPU cores (torch 2.13), the reference is also the faster of the two, forward alone and
-      forward + VJP, e.g. (B, H, N, d) = (64, 4, 196, 16): 152 vs 243 ms forward, 352 vs 432 ms
-      forward + VJP; (8, 4, 1024, 16): 349 vs 432 ms, 792 vs 804 ms. The Triton interpreter is far
-      slower still, so ``"triton"`` on CPU is only for tests (``TRITON_INTERPRET=1``, forced).
-    * Derivative orders: reference any order; triton two (a third raises); sdpa one (a second
-      raises). ``auto`` therefore always supports the second order a training step needs.
+    * CPU, float32/float64: ``"cpu"`` (``acf._C``'s kernels, differentiable twice) when the
+      extension is loaded; otherwise, and for half precision, ``"reference"``. Measured on 2 CPU
+      cores (``bench/bench_train_step.py``, batch 64): a training step of the CPU preset costs
+      3.6-3.9x the step without attention with ``"cpu"``, 9-11x with ``"reference"``.
+      ``"sdpa"`` is never chosen automatically: it is first-order only and, at forward time,
+      nothing tells whether the caller will differentiate a VJP later (the Neumann log-det
+      gradient does, with ``create_graph=True``); on CPU it is also slower than the reference.
+      The Triton interpreter is far slower still, so ``"triton"`` on CPU is only for tests
+      (``TRITON_INTERPRET=1``, forced).
+    * Derivative orders: reference any order; triton and cpu two (a third raises); sdpa one (a
+      second raises). ``auto`` therefore always supports the second order a training step needs.
     """
     if (
         q.is_cuda
@@ -155,6 +260,8 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
         and triton_available()
     ):
         return "triton"
+    if q.device.type == "cpu" and q.dtype in _CPU_DTYPES and cpu_kernels_available():
+        return "cpu"
     return "reference"
 
 
@@ -175,9 +282,10 @@ def l2_attention(
         q: queries, which are also the keys, shape ``(B, H, N, d)``.
         v: values, shape ``(B, H, N, e)``.
         scale: logit scale; defaults to ``1 / sqrt(d)``.
-        backend: ``"auto"`` (see ``_auto_backend``: Triton on CUDA, the reference elsewhere), or
-            ``"triton"`` (fused kernels, differentiable twice), ``"sdpa"`` (PyTorch SDPA on
-            augmented vectors, first order only) or ``"reference"`` (materialises P, any order).
+        backend: ``"auto"`` (see ``_auto_backend``: Triton on CUDA, ``acf._C`` on CPU), or
+            ``"triton"`` (fused kernels, differentiable twice), ``"cpu"`` (``acf._C``'s CPU
+            kernels, differentiable twice), ``"sdpa"`` (PyTorch SDPA on augmented vectors, first
+            order only) or ``"reference"`` (materialises P, any order).
 
     Returns:
         ``(B, H, N, e)`` tensor ``softmax(-scale * ||q_i - q_j||^2) @ v``.

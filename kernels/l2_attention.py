@@ -45,7 +45,8 @@ G) and ``dO' = J_O (u, w)`` (the tangent of O). Tangents (dotted)::
     t'_ij = s'_ij - 2c q_i.u_i in place of s': see "Precision" above)
 
 Route for the second order: fused. The backward is itself an autograd Function
-(``_L2AttentionBackward``) whose backward runs three more flash-style kernels (a row pass for O',
+(``acf.functional._FusedL2AttentionBackward``, shared with the CPU kernels of ``acf._C``) whose
+backward runs three more flash-style kernels (a row pass for O',
 mu, delta'; a column pass for dv' and the key role of dq'; a row pass for the query role of dq').
 Extra memory: O(B H N (d + e)) (the tangent O', and mu, delta' per row), never N x N.
 Third and higher order derivatives are not provided (the double backward is once-differentiable
@@ -66,6 +67,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+
+from ..functional import fused_l2_attention
 
 MAX_HEAD_DIM = 128
 INTERPRET_BLOCK = 64  # tile size under TRITON_INTERPRET=1
@@ -653,39 +656,25 @@ def _double_bwd(q, v, sq, o, lse, g, delta, u, w, scale: float, prec: str):
     return gq, gv, odot
 
 
-class _L2AttentionBackward(torch.autograd.Function):
-    """(q, v, G) -> (dq, dv); differentiable once more (the fused double backward)."""
+class TritonKernels:
+    """The fused passes behind ``acf.functional.fused_l2_attention`` (which holds the autograd
+    Functions): the forward saves ``(|q|^2, lse)``, the backward adds ``delta``."""
 
-    @staticmethod
-    def forward(ctx, q, v, g, sq, o, lse, scale: float, prec: str):
-        dq, dv, delta = _bwd(q, v, sq, o, lse, g, scale, prec)
-        ctx.save_for_backward(q, v, g, sq, o, lse, delta)
-        ctx.scale, ctx.prec = scale, prec
-        return dq, dv
+    def __init__(self, scale: float, prec: str) -> None:
+        self.scale, self.prec = scale, prec
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, u, w):
-        q, v, g, sq, o, lse, delta = ctx.saved_tensors
-        gq, gv, godot = _double_bwd(q, v, sq, o, lse, g, delta, u.to(q.dtype), w.to(v.dtype), ctx.scale, ctx.prec)
-        return gq, gv, godot, None, None, None, None, None
+    def forward(self, q, v):
+        o, lse, sq = _fwd(q, v, self.scale, self.prec)
+        return o, (sq, lse)
 
+    def backward(self, q, v, o, g, saved):
+        sq, lse = saved
+        dq, dv, delta = _bwd(q, v, sq, o, lse, g, self.scale, self.prec)
+        return dq, dv, (delta,)
 
-class _L2Attention(torch.autograd.Function):
-    """q, v -> softmax_j(s_ij) v; backward through ``_L2AttentionBackward``."""
-
-    @staticmethod
-    def forward(ctx, q, v, scale: float, prec: str):
-        o, lse, sq = _fwd(q, v, scale, prec)
-        ctx.save_for_backward(q, v, sq, o, lse)
-        ctx.scale, ctx.prec = scale, prec
-        return o
-
-    @staticmethod
-    def backward(ctx, g):
-        q, v, sq, o, lse = ctx.saved_tensors
-        dq, dv = _L2AttentionBackward.apply(q, v, g.to(v.dtype), sq, o.detach(), lse, ctx.scale, ctx.prec)
-        return dq, dv, None, None
+    def double_backward(self, q, v, o, g, saved, extra, u, w):
+        (sq, lse), (delta,) = saved, extra
+        return _double_bwd(q, v, sq, o, lse, g, delta, u, w, self.scale, self.prec)
 
 
 def check_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
@@ -731,4 +720,4 @@ def l2_attention_triton(q: torch.Tensor, v: torch.Tensor, scale: Optional[float]
     B, H, N, _ = q.shape
     if B * H * N == 0:
         return v * 0  # empty: nothing to attend over
-    return _L2Attention.apply(q, v, scale, _precision(q.dtype, precision))
+    return fused_l2_attention(q, v, TritonKernels(scale, _precision(q.dtype, precision)))

@@ -4,12 +4,7 @@ Without CUDA the Triton kernels run in Triton's CPU interpreter (``TRITON_INTERP
 before Triton is imported), fp32/fp64 only and N <= 256: the interpreter is slow and mishandles
 bf16 dots. Tests marked ``gpu`` compile the same kernels and add bf16/fp16, TF32 and large N.
 
-Tolerance rule (issue 4): for every compared quantity x (output, VJP, double VJP),
-``max|x_kernel - x_64| <= 2 max|x_ref - x_64| + floor`` where x_64 is the reference on float64
-inputs and x_ref the same-precision PyTorch reference. ``floor = 4 eps(dtype) max|x_64|``: a few
-roundings of the largest entry. It only matters where the reference happens to be exact (N = 1:
-P = 1, the output is v and dq = 0 in exact arithmetic; the kernel stores O rounded and
-recomputes delta = G.O from it, so it may miss exact zero by an ulp-sized amount).
+Tolerance rule (issue 4): see ``tests/attention_rule.py``.
 """
 from __future__ import annotations
 
@@ -26,6 +21,8 @@ triton = pytest.importorskip("triton")
 from acf import functional as F  # noqa: E402
 from acf.functional import l2_attention, l2_attention_reference  # noqa: E402
 import acf.kernels.l2_attention as K  # noqa: E402
+import attention_rule as R  # noqa: E402
+from attention_rule import check_rule, first_and_second  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernels = pytest.mark.skipif(
@@ -39,59 +36,16 @@ needs_kernels = pytest.mark.skipif(
 # ----------------------------------------------------------------------------------------------
 
 
-def plain_reference(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The same-precision PyTorch computation: every op in the inputs' dtype (matmuls may use TF32
-    if PyTorch is told to). For fp32/fp64 it is ``l2_attention_reference``; for bf16/fp16 the
-    reference upcasts internally, which would be an unfair yardstick for a half-precision kernel."""
-    if q.dtype in (torch.float32, torch.float64):
-        return l2_attention_reference(q, v, scale)
-    sq = (q * q).sum(-1)
-    p = torch.softmax(scale * (2.0 * q @ q.transpose(-1, -2) - sq.unsqueeze(-2)), dim=-1)
-    return p @ v
+def rand_inputs(*args, device=DEV, **kwargs):
+    return R.rand_inputs(*args, device=device, **kwargs)
 
 
-def first_and_second(fn, q, v, g, u, w, scale):
-    """Output, VJP (dq, dv) and double VJP (d/d(q, v, G) of <u, dq> + <w, dv>)."""
-    q = q.detach().clone().requires_grad_()
-    v = v.detach().clone().requires_grad_()
-    g = g.detach().clone().requires_grad_()
-    o = fn(q, v, scale)
-    dq, dv = torch.autograd.grad(o, (q, v), g, create_graph=True)
-    phi = (dq * u).sum() + (dv * w).sum()
-    hq, hv, hg = torch.autograd.grad(phi, (q, v, g))
-    return {"out": o, "dq": dq, "dv": dv, "ddq": hq, "ddv": hv, "ddg": hg}
-
-
-def check_rule(name: str, x: torch.Tensor, ref: torch.Tensor, x64: torch.Tensor, factor: float = 2.0,
-               scale: float | None = None):
-    x64 = x64.double()
-    err = (x.double() - x64).abs().max().item()
-    err_ref = (ref.double() - x64).abs().max().item()
-    eps = torch.finfo(x.dtype).eps
-    floor = 4 * eps * (x64.abs().max().item() if scale is None else scale)
-    bound = factor * err_ref + floor
-    assert err <= bound, f"{name}: kernel error {err:.3e} > {factor} x reference error {err_ref:.3e} + floor {floor:.1e}"
-
-
-def rand_inputs(B, H, N, D, E, dtype, device=DEV, spread=1.0):
-    gen = torch.Generator().manual_seed(1000 * N + 10 * D + E)
-    mk = lambda *s: (spread * torch.randn(*s, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
-    return mk(B, H, N, D), mk(B, H, N, E), mk(B, H, N, E), mk(B, H, N, D), mk(B, H, N, E)
+def compare_all(*args, **kwargs):
+    return R.compare_all(*args, device=DEV, **kwargs)
 
 
 def triton_fn(precision="ieee"):
     return lambda q, v, s: K.l2_attention_triton(q, v, s, precision=precision)
-
-
-def compare_all(B, H, N, D, E, dtype, fn, factor=2.0, spread=1.0):
-    q, v, g, u, w = rand_inputs(B, H, N, D, E, dtype, spread=spread)
-    scale = D ** -0.5
-    ker = first_and_second(fn, q, v, g, u, w, scale)
-    ref = first_and_second(plain_reference, q, v, g, u, w, scale)
-    ex = first_and_second(l2_attention_reference, *(t.double() for t in (q, v, g, u, w)), scale)
-    size = max(t.abs().max().item() for t in ex.values())
-    for key in ker:
-        check_rule(f"{key} (B,H,N,d,e)={(B, H, N, D, E)} {dtype}", ker[key], ref[key], ex[key], factor, size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +205,10 @@ def test_sdpa_gradcheck_and_no_double_backward():
 
 def test_auto_dispatch(monkeypatch):
     q = torch.randn(1, 1, 6, 4)
-    assert F._auto_backend(q, q) == "reference"  # CPU: reference (also the faster CPU path)
+    assert F._auto_backend(q, q) == ("cpu" if F.cpu_kernels_available() else "reference")
+    assert F._auto_backend(q.half(), q.half()) == "reference"  # no half-precision CPU kernels
+    monkeypatch.setattr(F, "cpu_kernels_available", lambda: False)
+    assert F._auto_backend(q, q) == "reference"
     called = []
     monkeypatch.setitem(F._BACKENDS, "reference", lambda q, v, s: called.append(s) or v)
     l2_attention(q, q, backend="auto")
@@ -263,6 +220,7 @@ def test_auto_rule_on_cuda_like(monkeypatch):
 
     class Fake:
         is_cuda = True
+        device = torch.device("cuda")
         dtype = torch.float32
 
         def __init__(self, d):

@@ -1,0 +1,86 @@
+"""pytest-benchmark of one training step with and without L2 attention (issue 4, CPU item).
+
+    python -m pytest bench/bench_train_step.py --benchmark-only -s   # table + ratio summary
+    python bench/bench_train_step.py                                   # ratio summary only
+
+The workload is the default ``acf train`` step: Residual Flow, CPU preset, MNIST-5k, batch 64,
+Russian-roulette log-det with the Neumann gradient (so each step runs the attention forward, about
+six VJPs and one double VJP per attention layer). Variants, side by side in one run:
+``none`` (no attention), ``l2-cpu`` (L2 attention on ``acf._C``'s CPU kernels: what ``auto`` picks)
+and ``l2-reference`` (L2 attention on the materialising PyTorch reference). Every timed step
+re-seeds the global generator, so all variants draw the same number of log-det terms.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+
+import pytest
+import torch
+
+from acf.attention import set_attention_backend
+from acf.functional import cpu_kernels_available
+from acf.train import TrainConfig, Trainer
+
+VARIANTS = {"none": (None, None), "l2-cpu": ("l2", "cpu"), "l2-reference": ("l2", "reference")}
+RESULTS: dict[str, float] = {}
+
+
+def make_trainer(variant: str) -> Trainer:
+    attention, backend = VARIANTS[variant]
+    trainer = Trainer(TrainConfig(attention=attention, steps=1000), tempfile.mkdtemp(prefix="acf-bench-"))
+    if backend is not None:
+        set_attention_backend(trainer.model, backend)
+    return trainer
+
+
+def timed_step(trainer: Trainer, seed: int) -> float:
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    trainer.train_step()
+    return time.perf_counter() - start
+
+
+def summary_table(res: dict[str, float]) -> str:
+    lines = ["training step (CPU preset, batch 64), best of the rounds:"]
+    base = res.get("none")
+    for name, sec in res.items():
+        ratio = f"  {sec / base:5.2f}x the step without attention" if base else ""
+        lines.append(f"  {name:13s} {sec * 1e3:8.1f} ms{ratio}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary():
+    yield
+    if RESULTS:
+        print("\n" + summary_table(RESULTS))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_train_step(benchmark, variant):
+    if variant == "l2-cpu" and not cpu_kernels_available():
+        pytest.skip("acf._C (CPU attention kernels) not built")
+    benchmark.group = "training step, CPU preset"
+    trainer = make_trainer(variant)
+    trainer.train_step()  # warm-up
+    seeds = iter(range(10_000))
+    benchmark.pedantic(lambda: timed_step(trainer, next(seeds)), rounds=5, warmup_rounds=1)
+    RESULTS[variant] = benchmark.stats.stats.min
+
+
+def main(rounds: int = 5) -> None:
+    """Interleave the variants round by round (fairer on a shared machine) and print the summary."""
+    names = [v for v in VARIANTS if v != "l2-cpu" or cpu_kernels_available()]
+    trainers = {v: make_trainer(v) for v in names}
+    for trainer in trainers.values():
+        trainer.train_step()  # warm-up
+    times: dict[str, list[float]] = {v: [] for v in names}
+    for r in range(rounds):
+        for v in names:
+            times[v].append(timed_step(trainers[v], r))
+    print(summary_table({v: min(ts) for v, ts in times.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""``acf._C``'s CPU L2 attention kernels (backend "cpu") against the float64 reference.
+
+Same tolerance rule as the Triton kernels (``tests/attention_rule.py``): output, VJP and double VJP
+within 2x the error of the same-precision PyTorch reference. Skipped when the extension is not
+built (the library then falls back to the reference, see ``test_fallback_without_extension``).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from acf import functional as F
+from acf.functional import l2_attention, l2_attention_reference
+from attention_rule import compare_all, first_and_second, rand_inputs
+
+needs_ext = pytest.mark.skipif(not F.cpu_kernels_available(), reason="acf._C (CPU kernels) not built")
+
+
+def cpu_fn(q, v, scale):
+    return l2_attention(q, v, scale, backend="cpu")
+
+
+SHAPES = [  # (B, H, N, d, e): odd and non-power-of-two N, several head dims, e != d
+    (1, 1, 1, 4, 4),
+    (2, 2, 17, 4, 4),
+    (1, 3, 100, 32, 20),
+    (2, 1, 255, 16, 16),
+    (1, 2, 64, 64, 8),
+    (3, 4, 49, 8, 8),
+    (1, 1, 37, 128, 128),
+    (2, 2, 196, 1, 3),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_fp64_reference(shape):
+    compare_all(*shape, torch.float32, cpu_fn)
+
+
+@needs_ext
+def test_saturated_softmax():
+    """Large |q|: rows of P are nearly one-hot, where dS_kk is pure cancellation (difference form)."""
+    compare_all(1, 2, 70, 16, 16, torch.float32, cpu_fn, spread=3.0)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2, 2), (2, 3, 9, 3, 2), (1, 2, 33, 5, 7)], ids=str)
+def test_fp64_equals_reference(shape):
+    q, v, g, u, w = rand_inputs(*shape, torch.float64)
+    got = first_and_second(cpu_fn, q, v, g, u, w, 0.7)
+    want = first_and_second(l2_attention_reference, q, v, g, u, w, 0.7)
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], atol=1e-12, rtol=1e-10, msg=key)
+
+
+@needs_ext
+def test_gradcheck_and_gradgradcheck():
+    q = torch.randn(2, 2, 11, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 11, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: cpu_fn(a, b, 0.6), (q, v))
+    assert torch.autograd.gradgradcheck(lambda a, b: cpu_fn(a, b, 0.6), (q, v))
+
+
+@needs_ext
+def test_non_contiguous_inputs_and_third_order_refused():
+    q = torch.randn(2, 9, 3, 4, dtype=torch.float64).transpose(1, 2).requires_grad_()  # (B, H, N, d) view
+    v = torch.randn(2, 3, 9, 4, dtype=torch.float64).requires_grad_()
+    torch.testing.assert_close(cpu_fn(q, v, 0.5), l2_attention_reference(q, v, 0.5))
+    dq, _ = torch.autograd.grad(cpu_fn(q, v, 0.5).sum(), (q, v), create_graph=True)
+    (ddq,) = torch.autograd.grad(dq.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(ddq.sum(), q)
+
+
+@needs_ext
+def test_auto_uses_cpu_kernels_in_training():
+    """A ResFlow block with L2 attention trains with the Neumann estimator on the CPU kernels
+    (auto), and its parameter gradients equal the reference backend's for the same draw."""
+    from acf.attention import set_attention_backend
+    from acf.block import ContractiveBlock
+    from acf.branches import resflow_branch
+    from acf.logdet import LogdetEstimator
+
+    torch.manual_seed(0)
+    g = resflow_branch(4, (5, 5), hidden=8, attention="l2", heads=2).double()
+    for m in g.modules():
+        if hasattr(m, "gamma"):
+            torch.nn.init.constant_(m.gamma, 0.7)
+    start = ContractiveBlock(g, LogdetEstimator(method="roulette", n_exact=2, grad="neumann")).double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    grads = {}
+    for backend in ("auto", "reference"):
+        block = set_attention_backend(copy.deepcopy(start), backend)  # same power-iteration state
+        torch.manual_seed(1)
+        y, logdet = block(x)
+        (y.square().sum() - logdet.sum()).backward()
+        grads[backend] = [p.grad.clone() for p in block.parameters() if p.grad is not None]
+    assert F._auto_backend(x.reshape(1, 1, 3, -1), x.reshape(1, 1, 3, -1)) == "cpu"
+    for a, b in zip(grads["auto"], grads["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+@needs_ext
+def test_bad_input():
+    q = torch.randn(1, 1, 5, 4)
+    with pytest.raises(ValueError, match="'cpu' needs CPU float32/float64"):
+        l2_attention(q.half(), q.half(), backend="cpu")
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.acf.l2_attention_fwd(q.reshape(1, 5, 4).transpose(1, 2), q.reshape(1, 5, 4)[:, :4], 0.5)
+    with pytest.raises(RuntimeError, match="has dtype"):
+        torch.ops.acf.l2_attention_fwd(q.reshape(1, 5, 4), q.reshape(1, 5, 4).double(), 0.5)
+    with pytest.raises(RuntimeError, match="has shape"):
+        torch.ops.acf.l2_attention_bwd(q.reshape(1, 5, 4), q.reshape(1, 5, 4), torch.zeros(1, 4, 4),
+                                       q.reshape(1, 5, 4), 0.5)
+
+
+def test_fallback_without_extension(monkeypatch):
+    """Without the extension, auto picks the reference and backend='cpu' says why it cannot run."""
+    monkeypatch.setattr(F, "cpu_kernels_available", lambda: False)
+    monkeypatch.setattr(F._ext, "available", lambda: False)
+    q = torch.randn(1, 2, 7, 4)
+    assert F._auto_backend(q, q) == "reference"
+    torch.testing.assert_close(l2_attention(q, q), l2_attention_reference(q, q, 0.5))
+    with pytest.raises(ValueError, match="extension loaded: False"):
+        l2_attention(q, q, backend="cpu")
