@@ -164,7 +164,7 @@ class LipNormAttention(_ContractiveAttention):
         kv = k.norm(dim=-1).amax(dim=-1)               # max_j ||k_j||_2  (B, H)
         vw = v.norm(dim=-1).amax(dim=-1)               # max_j ||v_j||_2  (B, H)
         denom = torch.maximum(torch.maximum(u * kv, u * vw), kv * vw).clamp_min(self.eps)
-        p = torch.softmax(q @ k.transpose(-1, -2) / denom[..., None, None], dim=-1)
+        p = torch.softmax((q / denom[..., None, None]) @ k.transpose(-1, -2), dim=-1)  # scale Q, not N x N
         return self._merge_heads(p @ v) @ self.w_o / self.bound()
 
 
@@ -182,7 +182,7 @@ class DotProductAttention(_ContractiveAttention):
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (self._split_heads(t) for t in (x @ self.w_qkv).chunk(3, dim=-1))
-        p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)
+        p = torch.softmax((q / math.sqrt(self.head_dim)) @ k.transpose(-1, -2), dim=-1)
         return self._merge_heads(p @ v) @ self.w_o
 
 

@@ -149,6 +149,21 @@ def cmd_perturb(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import run_experiment
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    folders = run_experiment(args.name, args.out, args.scale, args.seeds, progress=not args.quiet)
+    for folder in folders:
+        print(f"{folder.name}: {folder / folder.name}.csv .md .png .json")
+    print(f"acf experiment {args.name} --scale {args.scale}: done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .ops import format_backend_info
 
@@ -219,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--n", type=int, default=64, help="test images")
     pt.add_argument("--device", default="cpu")
     pt.set_defaults(func=cmd_perturb)
+    ex = sub.add_parser("experiment", help="run a paper experiment (or all): CSV, PNG, markdown table, JSON")
+    ex.add_argument("name", help="convergence, heads, awgn, dot, classification, interpolation, or all")
+    ex.add_argument("--scale", choices=["micro", "reduced", "full"], default="reduced",
+                    help="micro: seconds (tests); reduced: a 2-core CPU within a session; full: hours")
+    ex.add_argument("--out", default=os.path.join("runs", "experiments"),
+                    help="output folder (default: runs/experiments); finished runs in it are reused")
+    ex.add_argument("--seeds", type=int, help="number of seeds (default: the scale's)")
+    ex.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ex.add_argument("--quiet", action="store_true", help="no progress bars")
+    ex.set_defaults(func=cmd_experiment)
     info = sub.add_parser("info", help="versions, active backends (Triton, extension, reference) and device")
     info.set_defaults(func=cmd_info)
     return parser

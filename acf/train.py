@@ -235,8 +235,9 @@ class Trainer:
                     self.history.append({"step": self.step, "train_bpd": sum(recent) / len(recent),
                                          "test_bpd": test_bpd, "test_acc": acc, "seconds": round(self.seconds, 2),
                                          "lipschitz_max": max(self.model.lipschitz_bounds())})
-                    bar.write(f"step {self.step}: test bits/dim {test_bpd:.4f}"
-                              + (f", accuracy {acc:.4f}" if acc is not None else ""))
+                    if progress:
+                        bar.write(f"step {self.step}: test bits/dim {test_bpd:.4f}"
+                                  + (f", accuracy {acc:.4f}" if acc is not None else ""))
                     _write_metrics(self.run_dir, self.history)
                 recent = []
                 self.save()

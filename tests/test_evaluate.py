@@ -1,5 +1,6 @@
 """acf evaluate / sample / reconstruct / interpolate on a tiny trained run."""
 import json
+import math
 
 import pytest
 import torch
@@ -57,7 +58,19 @@ def test_missing_run_folder(tmp_path):
 def test_perturb_writes_csv_and_plot(run):
     assert main(["perturb", str(run), "--sigma", "0", "0.05", "--n", "8"]) == 0
     rows = (run / "perturb.csv").read_text().strip().splitlines()
-    assert rows[0] == "sigma,bits_per_dim,reconstruction_error" and len(rows) == 3
+    assert rows[0] == "sigma,bits_per_dim,reconstruction_error,nonconverged_blocks,changed_pixels" and len(rows) == 3
     assert all(float(v) == float(v) for row in rows[1:] for v in row.split(","))  # no NaN
     assert (run / "perturb.png").stat().st_size > 0
     assert main(["perturb", str(run), "--sigma", "-0.1"]) == 2
+
+
+def test_awgn_requantises_to_valid_images(run):
+    """Noise is applied to the 8-bit images and re-quantised: sigma 0 changes nothing, and the
+    bits/dim of the noisy images is a likelihood of valid 8-bit images (finite, reconstructable)."""
+    from acf.evaluate import awgn_robustness, load_run
+
+    _, model, test = load_run(run)
+    rows = awgn_robustness(model, test, [0.0, 0.2], n=4)
+    assert rows[0]["changed_pixels"] == 0.0 and rows[1]["changed_pixels"] > 0.3
+    assert all(math.isfinite(r["bits_per_dim"]) and r["reconstruction_error"] < 1e-3 for r in rows)
+    assert rows[0]["nonconverged_blocks"] == 0

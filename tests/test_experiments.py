@@ -1,0 +1,181 @@
+"""Every experiment of ``acf experiment`` runs at scale micro and writes plausible CSV / PNG / MD / JSON."""
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from acf import experiments as ex
+from acf.cli import main
+from acf.train import NonFiniteLossError
+
+pytestmark = pytest.mark.filterwarnings("ignore:residual branch is not certified:RuntimeWarning")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N_VARIANTS = len(ex.CONVERGENCE_VARIANTS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and on a busy 2-core machine 2 threads are ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory, one_thread):
+    """All experiments at scale micro, once."""
+    root = tmp_path_factory.mktemp("experiments")
+    ex.run_experiment("all", root, "micro", progress=False)
+    return root
+
+
+def outputs(root, name):
+    folder = root / name
+    for suffix in ("csv", "md", "png", "json"):
+        assert (folder / f"{name}.{suffix}").stat().st_size > 0, f"{name}.{suffix} missing or empty"
+    assert (folder / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    meta = json.loads((folder / f"{name}.json").read_text())
+    assert meta["scale"]["name"] == "micro" and meta["wall_seconds"] >= 0
+    assert {"platform", "cpu_count", "torch", "date"} <= set(meta["machine"])
+    return ex.read_csv(folder / f"{name}.csv"), (folder / f"{name}.md").read_text(), meta
+
+
+def table_rows(md):
+    """Data rows of the markdown table (header and separator excluded)."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    return lines[2:]
+
+
+def finite(values):
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
+def test_convergence(out):
+    rows, md, meta = outputs(out, "convergence")
+    assert {"variant", "arch", "attention", "heads", "seed", "step", "train_bpd", "test_bpd", "train_seconds",
+            "lipschitz_max", "status", "run_wall_seconds", "reused", "run"} <= set(rows[0])
+    s = ex.MICRO
+    assert len(rows) == N_VARIANTS * s.seeds * (s.steps // s.eval_every)
+    assert {r["variant"] for r in rows} == {v.label for v in ex.CONVERGENCE_VARIANTS}
+    assert finite(r["test_bpd"] for r in rows) and all(0 < r["test_bpd"] < 16 for r in rows)
+    assert all(r["status"] == "ok" and r["lipschitz_max"] < 1 for r in rows)
+    assert all((r["gamma_max_abs"] is None) == (r["attention"] == "none") for r in rows)
+    assert len(table_rows(md)) == N_VARIANTS and "Table 1" in md and "convergence.csv" in md
+    assert meta["runs_trained"] + meta["runs_reused"] == N_VARIANTS * s.seeds
+
+
+def test_heads_reuses_the_convergence_runs(out):
+    rows, md, _ = outputs(out, "heads")
+    assert [r["heads"] for r in rows] == list(ex.MICRO.heads)
+    four = next(r for r in rows if r["heads"] == 4)
+    assert four["reused"] == 1 and four["run"].startswith("convergence/runs/")
+    assert finite(r["test_bpd"] for r in rows) and len(table_rows(md)) == len(ex.MICRO.heads)
+
+
+def test_awgn(out):
+    rows, md, meta = outputs(out, "awgn")
+    assert len(rows) == N_VARIANTS * len(ex.MICRO.awgn_sigmas)
+    assert {"variant", "seed", "sigma", "bits_per_dim", "reconstruction_error"} <= set(rows[0])
+    assert finite(r["bits_per_dim"] for r in rows)
+    assert all(r["reconstruction_error"] < 1e-3 for r in rows)
+    assert meta["runs_trained"] == 0 and len(table_rows(md)) == len(rows)
+
+
+def test_dot(out):
+    rows, md, _ = outputs(out, "dot")
+    assert {r["attention"] for r in rows} == {"l2", "dot"} and {r["gamma"] for r in rows} == {"trained", "set to 1"}
+    value = {(r["attention"], r["gamma"], r["measurement"], r["input_scale"]): r["value"] for r in rows}
+    assert value[("l2", "trained", "certified_bound_max", None)] < 1
+    assert math.isinf(value[("dot", "trained", "certified_bound_max", None)])
+    for att in ("l2", "dot"):
+        assert value[(att, "trained", "nonfinite_loss", None)] in (0, 1)
+        for gamma in ("trained", "set to 1"):
+            for s in ex.MICRO.dot_scales:
+                for meas in ("block_inversion_error", "jacobian_norm_max", "block_converged_fraction"):
+                    assert (att, gamma, meas, s) in value
+    l2 = [r["value"] for r in rows if r["attention"] == "l2" and r["measurement"] != "certified_bound_max"]
+    assert finite(l2)
+    assert all(value[("l2", g, "block_converged_fraction", s)] == 1 for g in ("trained", "set to 1")
+               for s in ex.MICRO.dot_scales)
+    assert "gamma set to 1" in md and len(table_rows(md)) == len({(r["measurement"], r["input_scale"]) for r in rows})
+
+
+def test_classification(out):
+    rows, md, _ = outputs(out, "classification")
+    assert len(rows) == len(ex.MICRO.classification_data) * 2 * ex.MICRO.seeds
+    assert {r["attention"] for r in rows} == {"none", "l2"}
+    assert all(0 <= r["accuracy"] <= 1 for r in rows) and finite(r["test_bpd"] for r in rows)
+    assert len(table_rows(md)) == len(ex.MICRO.classification_data) * 2
+
+
+def test_interpolation(out):
+    rows, md, _ = outputs(out, "interpolation")
+    assert len(rows) == N_VARIANTS * ex.MICRO.interp_pairs
+    assert all(r["endpoint_error"] < 2 / 255 for r in rows)  # the ends decode to the test images
+    assert all(r["path_ratio"] >= 1 - 1e-6 for r in rows)
+    assert len(table_rows(md)) == N_VARIANTS
+
+
+def test_rerun_reuses_every_run(out):
+    ex.convergence(out, "micro", progress=False)
+    meta = json.loads((out / "convergence" / "convergence.json").read_text())
+    assert meta["runs_trained"] == 0 and meta["runs_reused"] == N_VARIANTS
+
+
+def test_cli_route(out, capsys):
+    assert main(["experiment", "heads", "--scale", "micro", "--out", str(out), "--quiet"]) == 0
+    assert "heads.csv" in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["experiment", "nope", "--scale", "micro", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'nope'" in err and "convergence" in err
+    assert main(["experiment", "heads", "--scale", "micro", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert "seeds must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "heads").exists()
+
+
+def test_interrupted_run_resumes_and_extends(tmp_path):
+    cfg = ex.train_config(ex.MICRO, ex.Variant("resflow", None), seed=0)
+    first = ex.ensure_run(tmp_path, "x", replace(cfg, steps=1), progress=False)
+    assert first.steps_done == 1 and not first.reused
+    second = ex.ensure_run(tmp_path, "x", cfg, progress=False)  # same key: resumed, not restarted
+    assert second.path == first.path and second.steps_done == 2 and [h["step"] for h in second.history] == [1, 2]
+    with pytest.raises(ValueError, match="more than the 1 requested"):
+        ex.ensure_run(tmp_path, "x", replace(cfg, steps=1), progress=False)
+
+
+def test_nonfinite_run_is_recorded_once(tmp_path, monkeypatch):
+    calls = []
+
+    def blow_up(cfg, path, resume, progress):
+        calls.append(path)
+        path.mkdir(parents=True, exist_ok=True)
+        raise NonFiniteLossError("non-finite loss (nan) at step 1")
+
+    monkeypatch.setattr(ex, "train", blow_up)
+    cfg = ex.train_config(ex.MICRO, ex.Variant("resflow", "dot"), seed=0)
+    rec = ex.ensure_run(tmp_path, "dot", cfg, progress=False)
+    assert rec.status == "nonfinite" and "nan" in rec.message and rec.history == []
+    again = ex.ensure_run(tmp_path, "dot", cfg, progress=False)
+    assert again.reused and again.status == "nonfinite" and len(calls) == 1
+
+
+def test_table_helpers():
+    assert ex.mean_std([1.0, 3.0]) == "2.0000 ± 1.4142"
+    assert ex.mean_std([2.0]) == "2.0000"
+    assert ex.mean_std([1.0, float("inf"), None]) == "1.0000 (1/2 finite)"
+    assert ex.mean_std([]) == "n/a"
+    with pytest.raises(ValueError, match="unknown scale"):
+        ex.get_scale("huge")
+
+
+def test_jacobian_norm_of_a_linear_map():
+    a = torch.randn(6, 6, dtype=torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    norms = ex.jacobian_norm(lambda t: t @ a.T, x, iters=200)
+    assert torch.allclose(norms, torch.linalg.matrix_norm(a, 2).expand(3), rtol=1e-6)
