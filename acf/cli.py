@@ -150,17 +150,22 @@ def cmd_perturb(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiments import run_experiment
+    from .experiments import fill_results_page, run_experiment
 
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    folders = run_experiment(args.name, args.out, args.scale, args.seeds, progress=not args.quiet)
-    for folder in folders:
-        print(f"{folder.name}: {folder / folder.name}.csv .md .png .json")
-    print(f"acf experiment {args.name} --scale {args.scale}: done in {time.perf_counter() - t0:.0f} s")
+    if args.name != "report":
+        folders = run_experiment(args.name, args.out, args.scale, args.seeds, progress=not args.quiet)
+        for folder in folders:
+            print(f"{folder.name}: {folder / folder.name}.csv .md .png .json")
+        print(f"acf experiment {args.name} --scale {args.scale}: done in {time.perf_counter() - t0:.0f} s")
+    if args.page:
+        print(f"filled {fill_results_page(args.page, args.out)} from {args.out}")
+    elif args.name == "report":
+        raise ValueError("acf experiment report needs --page (the markdown page to fill)")
     return 0
 
 
@@ -235,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--device", default="cpu")
     pt.set_defaults(func=cmd_perturb)
     ex = sub.add_parser("experiment", help="run a paper experiment (or all): CSV, PNG, markdown table, JSON")
-    ex.add_argument("name", help="convergence, heads, awgn, dot, classification, interpolation, or all")
+    ex.add_argument("name", help="convergence, heads, awgn, dot, classification, interpolation, all, or "
+                                 "report (only fill --page from the results already in --out)")
     ex.add_argument("--scale", choices=["micro", "reduced", "full"], default="reduced",
                     help="micro: seconds (tests); reduced: a 2-core CPU within a session; full: hours")
     ex.add_argument("--out", default=os.path.join("runs", "experiments"),
@@ -243,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seeds", type=int, help="number of seeds (default: the scale's)")
     ex.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ex.add_argument("--quiet", action="store_true", help="no progress bars")
+    ex.add_argument("--page", help="afterwards, fill this markdown page's generated blocks (docs/RESULTS.md)")
     ex.set_defaults(func=cmd_experiment)
     info = sub.add_parser("info", help="versions, active backends (Triton, extension, reference) and device")
     info.set_defaults(func=cmd_info)

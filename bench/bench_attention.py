@@ -6,7 +6,8 @@ log-det power series (8 VJPs) through one real ACF block (``bench/logdet_block.p
 
 On CUDA the issue's sizes run (batch 64, heads 16, N 256/1024/4096, d 32; batch 64, heads 4,
 N 1024, d 16; fp32 and bf16) when ACF_BENCH_FULL=1; bench/gpu_check.py times the same set with
-CUDA events and also reports TFLOP/s and peak memory. The triton backend runs on CUDA only.
+CUDA events and also reports TFLOP/s and peak memory. The triton backend runs on CUDA only, the
+cpu backend (acf._C) on CPU only.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import pytest
 import torch
 
-from acf.functional import l2_attention, triton_available
+from acf.functional import cpu_kernels_available, l2_attention, triton_available
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -25,7 +26,8 @@ if CUDA and os.environ.get("ACF_BENCH_FULL"):
 else:
     CONFIGS = [(4, 4, 256, 32), (4, 4, 1024, 16)]
     DTYPES = [torch.float32]
-BACKENDS = ["reference", "sdpa"] + (["triton"] if CUDA and triton_available() else [])
+BACKENDS = (["reference", "sdpa"] + (["triton"] if CUDA and triton_available() else [])
+            + (["cpu"] if not CUDA and cpu_kernels_available() else []))
 
 
 def _sync():

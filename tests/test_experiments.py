@@ -179,3 +179,19 @@ def test_jacobian_norm_of_a_linear_map():
     x = torch.randn(3, 6, dtype=torch.float64)
     norms = ex.jacobian_norm(lambda t: t @ a.T, x, iters=200)
     assert torch.allclose(norms, torch.linalg.matrix_norm(a, 2).expand(3), rtol=1e-6)
+
+
+def test_results_page_is_filled_from_the_runs(out, tmp_path):
+    """``acf experiment report --page``: generated blocks take the tables of the CSVs, prose stays."""
+    page = tmp_path / "RESULTS.md"
+    begin, end = ex._marker("heads")
+    page.write_text(f"# Results\n\nprose before\n\n{begin}\nstale numbers\n{end}\n\nprose after\n")
+    assert main(["experiment", "report", "--out", str(out), "--page", str(page)]) == 0
+    text = page.read_text()
+    assert "stale numbers" not in text and "prose before" in text and "prose after" in text
+    assert (out / "heads" / "heads.md").read_text().splitlines()[-1].strip() in text
+    assert "### " in text and "results/heads/heads.png" in text
+    page.write_text(f"{begin}\nno end marker\n")
+    with pytest.raises(ValueError, match="no matching"):
+        ex.fill_results_page(page, out)
+    assert main(["experiment", "report", "--out", str(out)]) == 2  # --page is required
