@@ -185,9 +185,10 @@ class _CPUKernels:
 
 def l2_attention_cpu(q: Tensor, v: Tensor, scale: float) -> Tensor:
     """``acf._C``'s per-head CPU kernels (float32 / float64), differentiable twice."""
-    if q.device.type != "cpu" or q.dtype not in _CPU_DTYPES or not _ext.available():
+    loaded = cpu_kernels_available()
+    if q.device.type != "cpu" or q.dtype not in _CPU_DTYPES or not loaded:
         raise ValueError(f"l2_attention backend 'cpu' needs CPU float32/float64 tensors and the compiled "
-                         f"extension acf._C (got {q.dtype} on {q.device}; extension loaded: {_ext.available()})")
+                         f"extension acf._C (got {q.dtype} on {q.device}; extension loaded: {loaded})")
     return fused_l2_attention(q, v, _CPUKernels(scale))
 
 

@@ -172,11 +172,14 @@ class Trainer:
             b_ema.copy_(b)
 
     # ---- evaluation ---------------------------------------------------------------------------
+    def evaluated_model(self) -> ACFModel:
+        """The model evaluations use: the EMA copy (the training model before the first step), in eval mode."""
+        return (self.ema if self.ema is not None else self.model).eval()
+
     @torch.no_grad()
     def evaluate(self, n: Optional[int] = None) -> tuple[float, Optional[float]]:
         """Test bits/dim (and accuracy for hybrid models) of the EMA model on the first ``n`` test images."""
-        model = self.ema if self.ema is not None else self.model
-        model.eval()
+        model = self.evaluated_model()
         n = len(self.test_set) if n is None else min(n, len(self.test_set))
         bpds, correct = [], 0
         for start in range(0, n, self.cfg.batch_size):
@@ -195,8 +198,7 @@ class Trainer:
         after ``evaluate``, its power iterations have converged for the current weights. (The training
         model's ``lipschitz_bounds()`` right after an optimizer step pairs the new weights with the
         previous step's estimate and overstates the bound of any map actually applied.)"""
-        model = self.ema if self.ema is not None else self.model
-        return max(model.eval().lipschitz_bounds())
+        return max(self.evaluated_model().lipschitz_bounds())
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
