@@ -1,9 +1,9 @@
 """Lipschitz-constrained self-attention layers of ACF (paper section 3).
 
-Every layer maps an NCHW image ``x`` to ``X`` in ``R^{N x D}`` (``N = H*W`` positions, ``D``
-channels) by a transpose (never a reshape, which would scramble positions and channels),
-computes a multi-head attention ``F(X)`` divided by a certified bound ``L >= Lip_2(F)``, and
-returns the contractive output of eq. 13 normalised by ``1 + |gamma|``::
+Every layer reads an NCHW image ``x`` as ``X^T`` in ``R^{D x N}`` (``N = H*W`` positions, ``D``
+channels: ``x.flatten(2)``, a view; never a reshape to ``(N, D)``, which would scramble positions
+and channels), computes a multi-head attention ``F(X)`` divided by a certified bound
+``L >= Lip_2(F)``, and returns the contractive output of eq. 13 normalised by ``1 + |gamma|``::
 
     out = (X + gamma * F(X) / L) / (1 + |gamma|)          (eq. 13, divided by 1 + |gamma|)
 
@@ -12,6 +12,12 @@ branch as soon as gamma moves away from 0 (the published code ignores this). Div
 ``1 + |gamma|`` gives ``Lip(out) <= (1 + |gamma| Lip(F)/L) / (1 + |gamma|) <= 1`` for every
 gamma, so the branch's certificate is the product of its convolutions' norms alone. At
 ``gamma = 0`` the layer is the identity, as in the paper.
+
+Layout: the layers compute the transposes (``Q^T = W^Q^T X^T`` and so on), so every tensor stays
+channel-major like the image around it; a head's ``(N, d)`` queries are a transposed view of a
+contiguous ``(d, N)`` block, which the CPU kernels read and write in place. Nothing is copied between
+the image and the attention, and the convolutions and activations around the layer keep contiguous
+NCHW tensors in the forward pass and in every VJP.
 """
 from __future__ import annotations
 
@@ -46,6 +52,13 @@ def _head_norms(w: torch.Tensor, heads: int) -> torch.Tensor:
     d_model = w.shape[0]
     blocks = w.reshape(d_model, heads, -1).transpose(0, 1)
     return _spectral_norm_exact(blocks)
+
+
+def channel_mix(w: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    """``(X W)^T = W^T X^T`` for ``X^T`` of shape ``(B, D, N)``: one batched product on the expanded
+    weight, which keeps the result and its input gradient contiguous (``W^T @ X^T`` would fold the
+    batch into a copied ``(B N, D)`` matrix, forward and in every VJP)."""
+    return torch.bmm(w.t().expand(xt.shape[0], -1, -1), xt)
 
 
 def _spectral_norm_exact(w: torch.Tensor) -> torch.Tensor:
@@ -91,24 +104,27 @@ class _ContractiveAttention(nn.Module):
     def _weight(self, cols: int) -> nn.Parameter:
         return nn.Parameter(torch.randn(self.channels, cols) / math.sqrt(self.channels))
 
-    def _split_heads(self, y: torch.Tensor) -> torch.Tensor:
-        b, n, _ = y.shape
-        return y.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+    def _split_heads(self, yt: torch.Tensor) -> torch.Tensor:
+        """``(B, D', N)`` transposed features -> ``(B, H, N, D'/H)`` per-head views (no copy)."""
+        b, cols, n = yt.shape
+        return yt.reshape(b, self.heads, cols // self.heads, n).transpose(-1, -2)
 
     def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
-        b, _, n, _ = y.shape
-        return y.transpose(1, 2).reshape(b, n, self.channels)
+        """``(B, H, N, e)`` -> ``(B, H e, N)`` transposed features (a view for column-major heads)."""
+        b, h, n, e = y.shape
+        return y.transpose(-1, -2).reshape(b, h * e, n)
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        """``F(X) / L`` on ``(B, N, D)``."""
+    def attend(self, xt: torch.Tensor, out_scale: torch.Tensor | float = 1.0) -> torch.Tensor:  # pragma: no cover
+        """``out_scale * (F(X) / L)^T`` on ``X^T`` of shape ``(B, D, N)`` (the scalar is folded into
+        ``W^O``, which saves a pass over the output in the forward and in every VJP)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.channels)
-        b, c, h, w = x.shape
-        seq = x.flatten(2).transpose(1, 2)  # (B, N, D): position-major, channels last
-        out = (seq + self.gamma * self.attend(seq)) / (1.0 + self.gamma.abs())
-        return out.transpose(1, 2).reshape(b, c, h, w)
+        xt = x.flatten(2)  # (B, D, N) = X^T: channel-major, a view of the image
+        norm = 1.0 + self.gamma.abs()
+        out = torch.addcmul(self.attend(xt, self.gamma / norm), 1.0 / norm, xt)  # (gamma F/L + X) / norm
+        return out.reshape(x.shape)
 
     def lipschitz_bound(self) -> float:
         """Certified ``Lip_2`` of the layer: 1 for the normalised output (see module docstring)."""
@@ -131,15 +147,17 @@ class L2MultiheadAttention(_ContractiveAttention):
     def bound(self, n: int) -> torch.Tensor:
         return l2_mha_lipschitz_bound(self.w_q, self.w_v, self.w_o, self.heads, n)
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, xt: torch.Tensor, out_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        b, _, n = xt.shape
         d, h = self.head_dim, self.heads
-        q = self._split_heads(x @ self.w_q)
+        qt = channel_mix(self.w_q, xt)                               # (B, D, N) = Q^T
         wq = self.w_q.reshape(self.channels, h, d).permute(1, 2, 0)  # (H, d, D) = W^Q_h^T
         wv = self.w_v.reshape(self.channels, h, d).transpose(0, 1)   # (H, D, d) = W^V_h
         m = wq @ wv / math.sqrt(d)                                   # (H, d, d) = M_h
-        v = q @ m.unsqueeze(0)
-        f = self._merge_heads(l2_attention(q, v, scale=1.0 / math.sqrt(d), backend=self.backend)) @ self.w_o
-        return f / self.bound(x.shape[1])
+        mt = m.transpose(1, 2).expand(b, h, d, d).reshape(b * h, d, d)
+        vt = torch.bmm(mt, qt.reshape(b * h, d, n)).reshape(b, h, d, n)  # (Q_h M_h)^T
+        o = l2_attention(self._split_heads(qt), vt.transpose(-1, -2), scale=1.0 / math.sqrt(d), backend=self.backend)
+        return channel_mix(self.w_o * (out_scale / self.bound(n)), self._merge_heads(o))
 
 
 class LipNormAttention(_ContractiveAttention):
@@ -158,14 +176,14 @@ class LipNormAttention(_ContractiveAttention):
     def bound(self) -> torch.Tensor:
         return lipnorm_lipschitz_bound(self.w_qkv, self.w_o)
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (self._split_heads(t) for t in (x @ self.w_qkv).chunk(3, dim=-1))
-        u = q.flatten(2).norm(dim=-1)                  # ||Q||_F          (B, H)
+    def attend(self, xt: torch.Tensor, out_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        q, k, v = (self._split_heads(t) for t in channel_mix(self.w_qkv, xt).chunk(3, dim=1))
+        u = torch.linalg.vector_norm(q, dim=(-2, -1))  # ||Q||_F          (B, H)
         kv = k.norm(dim=-1).amax(dim=-1)               # max_j ||k_j||_2  (B, H)
         vw = v.norm(dim=-1).amax(dim=-1)               # max_j ||v_j||_2  (B, H)
         denom = torch.maximum(torch.maximum(u * kv, u * vw), kv * vw).clamp_min(self.eps)
         p = torch.softmax((q / denom[..., None, None]) @ k.transpose(-1, -2), dim=-1)  # scale Q, not N x N
-        return self._merge_heads(p @ v) @ self.w_o / self.bound()
+        return channel_mix(self.w_o * (out_scale / self.bound()), self._merge_heads(p @ v))
 
 
 class DotProductAttention(_ContractiveAttention):
@@ -180,10 +198,10 @@ class DotProductAttention(_ContractiveAttention):
         super().__init__(channels, heads)
         self.w_qkv, self.w_o = self._weight(3 * channels), self._weight(channels)
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (self._split_heads(t) for t in (x @ self.w_qkv).chunk(3, dim=-1))
+    def attend(self, xt: torch.Tensor, out_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        q, k, v = (self._split_heads(t) for t in channel_mix(self.w_qkv, xt).chunk(3, dim=1))
         p = torch.softmax((q / math.sqrt(self.head_dim)) @ k.transpose(-1, -2), dim=-1)
-        return self._merge_heads(p @ v) @ self.w_o
+        return channel_mix(self.w_o * out_scale, self._merge_heads(p @ v))
 
 
 def set_attention_backend(module: nn.Module, backend: str) -> nn.Module:

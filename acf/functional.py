@@ -159,27 +159,27 @@ def fused_l2_attention(q: Tensor, v: Tensor, kernels: FusedKernels) -> Tensor:
 
 
 class _CPUKernels:
-    """``acf._C``'s CPU kernels (``csrc/l2_attention_cpu.cpp``): one (batch, head) at a time, so the
-    head's N x N matrices stay in cache; the forward saves P (memory ``B H N^2``, like the
-    reference, which keeps several such matrices per call)."""
+    """``acf._C``'s CPU kernels (``csrc/l2_attention_cpu.cpp``): fused row passes per head that
+    recompute P from the saved log-sum-exp (memory ``B H N``); inputs of any strides."""
 
     def __init__(self, scale: float) -> None:
         self.scale = scale
 
     @staticmethod
     def _heads(t: Tensor) -> Tensor:
-        return t.reshape(-1, *t.shape[-2:]).contiguous()
+        return t.reshape(-1, *t.shape[-2:])  # a view for the layer's column-major heads
 
     def forward(self, q: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        o, p = torch.ops.acf.l2_attention_fwd(self._heads(q), self._heads(v), self.scale)
-        return o.reshape(v.shape), (p,)
+        o, lse = torch.ops.acf.l2_attention_fwd(self._heads(q), self._heads(v), self.scale)
+        return o.reshape(v.shape), (lse,)
 
     def backward(self, q, v, o, g, saved):
-        dq, dv = torch.ops.acf.l2_attention_bwd(*map(self._heads, (q, v, saved[0], g)), self.scale)
+        dq, dv = torch.ops.acf.l2_attention_bwd(*map(self._heads, (q, v, o)), saved[0], self._heads(g), self.scale)
         return dq.reshape(q.shape), dv.reshape(v.shape), ()
 
     def double_backward(self, q, v, o, g, saved, extra, u, w):
-        gq, gv, gg = torch.ops.acf.l2_attention_bwd2(*map(self._heads, (q, v, saved[0], g, u, w)), self.scale)
+        gq, gv, gg = torch.ops.acf.l2_attention_bwd2(*map(self._heads, (q, v, o)), saved[0],
+                                                     *map(self._heads, (g, u, w)), self.scale)
         return gq.reshape(q.shape), gv.reshape(v.shape), gg.reshape(v.shape)
 
 

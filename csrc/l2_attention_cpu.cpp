@@ -1,12 +1,19 @@
-// L2 self-attention with keys tied to queries on CPU: forward, VJP and double VJP.
+// L2 self-attention with keys tied to queries on CPU: forward, VJP and double VJP, fused per row.
 //
 // The math (paper eq. 9-10; one batch element and head; c = scale; Q: N x d, V: N x e):
 //
-//     t_ij = -c |q_i - q_j|^2        P = softmax_rows(t)        O = P V
+//     t_ij = -c |q_i - q_j|^2 = c (2 q_i.q_j - |q_i|^2 - |q_j|^2) <= 0     P = softmax_rows(t)     O = P V
+//
+// t_ii = 0 is the row maximum, so exp(t_ij) never overflows and every row sum is >= 1: the softmax
+// needs no max pass (t is clamped at 0 from above, the side of the exact value). The exponentials
+// are base 2 (2^(t log2 e)). The forward saves lse2_i = log2 sum_j exp(t_ij) and nothing of size
+// N x N; the backward passes recompute P_ij = 2^(t_ij log2 e - lse2_i) row block by row block, in
+// cache (flash-attention's trade, also the right one on a CPU: reading a saved P back from memory
+// costs more than the Gram entry and the exponential, and writing it costs B H N^2 of page faults).
 //
 // First order, given G = dL/dO:
 //
-//     dP = G V^T   delta_i = sum_j P_ij dP_ij   dS = P o (dP - delta)   dV = P^T G
+//     dP = G V^T   delta_i = g_i.o_i   dS = P o (dP - delta)   dV = P^T G
 //     dQ = 2c [dS Q + dS^T Q - diag(r + k) Q]   r, k: row and column sums of dS
 //
 // (r = 0 in exact arithmetic; subtracting it is the difference form sum_j dS_kj (q_j - q_k),
@@ -14,282 +21,503 @@
 // (dQ, dV) the double backward returns the tangents of (dQ, dV, O) in the direction (U, W):
 //
 //     t'_ij = -2c (q_i - q_j).(u_i - u_j)   mu_i = sum_j P_ij t'_ij   P' = P o (t' - mu)
-//     O' = P' V + P W                      dP' = G W^T   delta'_i = sum_j P'_ij dP_ij + P_ij dP'_ij
+//     O' = P' V + P W                      dP' = G W^T   delta'_i = g_i.O'_i
 //     dS' = P' o (dP - delta) + P o (dP' - delta')
 //     gV = P'^T G    gQ = 2c [dS' Q + dS'^T Q - diag(r' + k') Q + dS U + dS^T U - diag(r + k) U]
 //     gG = O'
 //
-// Layout: unlike the Triton kernels, the forward saves P (B*H x N x N): on a CPU, reading P back
-// costs less than recomputing it (an exp per entry). The heads are split into chunks small enough
-// that a chunk's N x N scratch matrices stay in a core's L2 cache; chunks run in parallel. Within
-// a chunk, the products are batched matmuls (at::bmm_out: MKL / oneDNN) and the elementwise
-// passes are `omp simd` loops (built with -fopenmp -march=native: see setup.py). A row-by-row
-// variant without N x N scratch was measured 1.5x slower: with head dims of 4-16, the vector loops
-// over one row cannot keep up with MKL's blocked products.
-// Inputs: contiguous (B*H, N, dim) float32 or float64 tensors.
+// Layout. Each head's (N x dim) operands are first copied, transposed, into "panels" (dim x ld,
+// ld = N rounded up to 16, zero-padded): a column j of Q is then a run of contiguous floats, so every
+// inner loop runs over j in whole vectors. Rows are processed R = 8 at a time: the R x 16 tile of
+// each product (q_i.q_j, g_i.v_j, ...) is accumulated in registers over the head dim, turned into
+// P, dS, ... on the spot, and the column sums (dV, the key role of dQ) are updated once per R rows;
+// the query role (dS Q) is a second, row-wise pass over the R rows of dS kept in L1. A row of ones
+// stored after Q^T (it is also the mask of the padded columns, where P = 0) makes the same products
+// return the row and column sums r and k. Heads run in parallel (at::parallel_for); the panels and
+// row buffers of a head (tens of KiB at N = 196, d = 8) stay in L1/L2. Inputs may have any strides
+// (the layer passes column-major heads, which load with unit stride); outputs take the layout of the
+// input they match (empty_like). A tile row is a GCC/Clang vector of 64 bytes (`Vec`), which keeps
+// the tiles in registers: one AVX-512 register with -march=native (see setup.py), two AVX2 ones
+// otherwise. Measured on 2 cores (N = 196, d = 8, bench/bench_train_step.py): a training step of
+// the CPU preset with L2 attention costs 2.7-3.0x the step without attention.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-void check_heads(const at::Tensor& t, const char* name, int64_t bh, int64_t n, at::ScalarType dtype) {
+constexpr int R = 8;            // rows per block
+constexpr int64_t ALIGN = 16;   // ld is a multiple of this (the lanes of the widest Vec)
+
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t I __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename Simd<T>::V;
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+template <typename T>
+using Tile = Vec<T>[R];  // R rows x kLanes<T> columns
+
+template <typename T>
+inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T>
+inline void store(T* p, const Vec<T>& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <typename T>
+inline Vec<T> splat(T x) {
+  return Vec<T>{} + x;
+}
+// The sum of the lanes of a Vec (a horizontal reduction: one AVX-512 instruction sequence).
+#if defined(__AVX512F__)
+inline float total(const Vec<float>& v) { return _mm512_reduce_add_ps(v); }
+inline double total(const Vec<double>& v) { return _mm512_reduce_add_pd(v); }
+#else
+template <typename V>
+inline auto total(const V& v) {
+  std::remove_cv_t<std::remove_reference_t<decltype(v[0])>> s = 0;
+  for (size_t l = 0; l < sizeof(V) / sizeof(s); ++l) s += v[l];
+  return s;
+}
+#endif
+
+void check_head(const at::Tensor& t, const char* name, int64_t bh, int64_t n, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), "l2_attention (cpu): ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 3, "l2_attention (cpu): ", name, " must be (batch*heads, N, dim), got ", t.sizes());
-  TORCH_CHECK(t.size(0) == bh && t.size(1) == n, "l2_attention (cpu): ", name, " has shape ", t.sizes(),
-              "; expected (", bh, ", ", n, ", dim)");
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == bh && t.size(1) == n, "l2_attention (cpu): ", name,
+              " must be (batch*heads, N, dim) = (", bh, ", ", n, ", dim), got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, "l2_attention (cpu): ", name, " has dtype ", t.scalar_type(),
               "; expected ", dtype);
-  TORCH_CHECK(t.is_contiguous(), "l2_attention (cpu): ", name, " must be contiguous");
 }
 
 void check_q(const at::Tensor& q) {
   TORCH_CHECK(q.dim() == 3, "l2_attention (cpu): q must be (batch*heads, N, d), got ", q.sizes());
+  TORCH_CHECK(q.device().is_cpu(), "l2_attention (cpu): q must be a CPU tensor, got ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "l2_attention (cpu): q must be float32 or float64, got ", q.scalar_type());
 }
 
-// Run f(h0, len, scratch) over chunks [h0, h0 + len) of the B*H heads in parallel. A chunk is
-// sized so that its `slots` N x N scratch matrices plus P stay in a core's L2 cache (~1 MiB); it
-// also spreads the per-call cost of the batched products over several heads.
-template <typename F>
-void for_each_chunk(const at::Tensor& q, int64_t slots, const F& f) {
-  const int64_t bh = q.size(0), n = q.size(1);
-  const int64_t bytes = (slots + 1) * n * n * (int64_t)q.element_size();
-  const int64_t chunk = std::clamp<int64_t>((int64_t(1) << 20) / std::max<int64_t>(bytes, 1), 1, 16);
-  at::parallel_for(0, (bh + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
-    at::AutoDispatchBelowADInplaceOrView no_autograd;  // per thread: plain products of plain tensors
-    at::Tensor scratch = at::empty({std::max<int64_t>(slots, 1), chunk, n, n}, q.options());
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t h0 = c * chunk, len = std::min(chunk, bh - h0);
-      f(h0, len, scratch.narrow(1, 0, len));
+void check_dims(const at::Tensor& t, const char* name, int64_t dim, const char* like) {
+  TORCH_CHECK(t.size(2) == dim, "l2_attention (cpu): ", name, " must match ", like, " in its last dim (", dim,
+              "), got ", t.sizes());
+}
+
+void check_lse(const at::Tensor& lse, const at::Tensor& q) {
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.scalar_type() == q.scalar_type() && lse.device().is_cpu(),
+              "l2_attention (cpu): lse must be (batch*heads, N) of q's dtype, got ", lse.sizes());
+}
+
+// 2^x for float (Cephes' exp2f: x = n + f, |f| <= 1/2, a degree-6 polynomial for 2^f, relative
+// error 1.7e-7, then 2^n), lane by lane on a Vec. Only ever called with x <= 0. With AVX-512, n is
+// one rounding and 2^n one vscalefps (underflow goes smoothly to 0); otherwise x is clamped to
+// >= -126 (2^-126 stands in for smaller values, which only multiply into sums >= 1) and 2^n is built
+// in the exponent bits.
+inline Vec<float> exp2_poly(Vec<float> f) {
+  Vec<float> p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  return p * f + 1.0f;
+}
+#if defined(__AVX512F__)
+inline Vec<float> vexp2(Vec<float> x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(exp2_poly(x - n), n);
+}
+inline Vec<float> vmin(Vec<float> a, Vec<float> b) { return _mm512_min_ps(a, b); }
+#else
+inline Vec<float> vexp2(Vec<float> x) {
+  x = x < splat(-126.0f) ? splat(-126.0f) : x;
+  const Vec<float> shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec<float> n = (x + shifter) - shifter;
+  const Simd<float>::I bits = (__builtin_convertvector(n, Simd<float>::I) + 127) << 23;
+  return exp2_poly(x - n) * (Vec<float>)bits;
+}
+inline Vec<float> vmin(Vec<float> a, Vec<float> b) { return a < b ? a : b; }
+#endif
+inline Vec<double> vmin(Vec<double> a, Vec<double> b) { return a < b ? a : b; }
+inline Vec<double> vexp2(Vec<double> x) {
+  for (int64_t l = 0; l < kLanes<double>; ++l) x[l] = std::exp2(x[l]);
+  return x;
+}
+
+// The heads of a (B*H, N, dim) tensor of any strides.
+template <typename T>
+struct Heads {
+  T* data;
+  int64_t sh, sn, sd, dim;
+  explicit Heads(const at::Tensor& t)
+      : data(t.data_ptr<T>()), sh(t.stride(0)), sn(t.stride(1)), sd(t.stride(2)), dim(t.size(2)) {}
+  T& at(int64_t h, int64_t i, int64_t k) const { return data[h * sh + i * sn + k * sd]; }
+};
+
+// panel[k * ld + j] = x_jk for j < n, 0 for n <= j < ld
+template <typename T>
+void load_panel(const Heads<T>& x, int64_t h, int64_t n, int64_t ld, T* panel) {
+  for (int64_t k = 0; k < x.dim; ++k) {
+    T* row = panel + k * ld;
+    for (int64_t j = 0; j < n; ++j) row[j] = x.at(h, j, k);
+    std::fill(row + n, row + ld, T(0));
+  }
+}
+
+// out_jk = a * (m[k * ld + j] - x[j] y[k * ld + j] - x2[j] y2[k * ld + j]) (each term if given)
+template <typename T>
+void store_panel(const T* m, const T* x, const T* y, const T* x2, const T* y2, T a, int64_t n, int64_t ld,
+                 const Heads<T>& out, int64_t h) {
+  for (int64_t k = 0; k < out.dim; ++k)
+    for (int64_t j = 0; j < n; ++j) {
+      T val = m[k * ld + j];
+      if (x) val -= x[j] * y[k * ld + j];
+      if (x2) val -= x2[j] * y2[k * ld + j];
+      out.at(h, j, k) = a * val;
+    }
+}
+
+// out_j = sum_k a[k * ld + j] b[k * ld + j]: the row-wise dot products of two panels
+template <typename T>
+void column_dots(const T* a, const T* b, int64_t dim, int64_t ld, T* out) {
+  std::fill(out, out + ld, T(0));
+  for (int64_t k = 0; k < dim; ++k)
+    for (int64_t j = 0; j < ld; j += kLanes<T>) store(out + j, load(out + j) + load(a + k * ld + j) * load(b + k * ld + j));
+}
+
+template <int NR, typename V>
+inline void zero(V (&t)[R]) {
+  for (int r = 0; r < NR; ++r) t[r] = V{};
+}
+
+template <int NR, typename T>
+inline void load_tile(const T* rows, int64_t ld, int64_t j0, Tile<T>& t) {
+  for (int r = 0; r < NR; ++r) t[r] = load(rows + r * ld + j0);
+}
+
+template <int NR, typename T>
+inline void store_tile(const Tile<T>& t, T* rows, int64_t ld, int64_t j0) {
+  for (int r = 0; r < NR; ++r) store(rows + r * ld + j0, t[r]);
+}
+
+// acc[r] = (sum_k A_{i0 + r, k} B_{j, k})_{j0 <= j < j0 + lanes}, with A and B given as panels
+template <int NR, typename T>
+inline void tile_product(const T* a, const T* b, int64_t dim, int64_t ld, int64_t i0, int64_t j0, Tile<T>& acc) {
+  zero<NR>(acc);
+  for (int64_t k = 0; k < dim; ++k) {
+    const Vec<T> bk = load(b + k * ld + j0);
+    for (int r = 0; r < NR; ++r) acc[r] += a[k * ld + i0 + r] * bk;
+  }
+}
+
+// M_{j, k} += sum_r C_{i0 + r, k} x[r]_j for the tile's columns j: column sums (value and key roles)
+template <int NR, typename T>
+inline void tile_accumulate(T* m, const T* c, int64_t dim, int64_t ld, int64_t i0, int64_t j0, const Tile<T>& x) {
+  for (int64_t k = 0; k < dim; ++k) {
+    Vec<T> even = load(m + k * ld + j0), odd{};  // two chains: half the dependent latency
+    for (int r = 0; r < NR; ++r) (r % 2 ? odd : even) += c[k * ld + i0 + r] * x[r];
+    store(m + k * ld + j0, even + odd);
+  }
+}
+
+// out[r * rs + k * ks] += sum_j rows[r * ld + j] B_{j, k} for k < dim: row products (the query role)
+template <int NR, typename T>
+inline void row_products(const T* rows, const T* b, int64_t dim, int64_t ld, T* out, int64_t rs, int64_t ks) {
+  for (int64_t k = 0; k < dim; ++k) {
+    Tile<T> acc;
+    zero<NR>(acc);
+    for (int64_t j0 = 0; j0 < ld; j0 += kLanes<T>) {
+      const Vec<T> bk = load(b + k * ld + j0);
+      for (int r = 0; r < NR; ++r) acc[r] += load(rows + r * ld + j0) * bk;
+    }
+    for (int r = 0; r < NR; ++r) out[r * rs + k * ks] += total(acc[r]);
+  }
+}
+
+// The softmax of one head in base 2: with a = c log2(e), t_ij log2(e) = a (2 q_i.q_j - |q_i|^2 - |q_j|^2)
+// and P_ij = 2^(t_ij log2(e) - lse2_i). The bracket is formed before scaling, so that its cancellation
+// is as exact as the Gram entry allows (t_ii = 0 exactly: s_ii and |q_i|^2 are the same sum).
+template <typename T>
+struct Softmax {
+  T a;
+  const T* sq;    // |q_j|^2, one row of ld
+  const T* mask;  // 1 for the N real columns, 0 for the padding
+  int64_t n;
+};
+
+// In place on the Gram tile s_ij = q_i.q_j: 2^(min(t_ij, 0) log2(e) - lse2_i) (lse2 = 0 when null:
+// the unnormalised forward), 0 in padded columns. min(t, 0) keeps t on the side of its exact value.
+template <int NR, typename T>
+inline void softmax_tile(Tile<T>& s, const Softmax<T>& sm, const T* lse2, int64_t i0, int64_t j0) {
+  const Vec<T> sqj = load(sm.sq + j0), zero = Vec<T>{};
+  for (int r = 0; r < NR; ++r) {
+    s[r] = vexp2(vmin(2 * s[r] - sm.sq[i0 + r] - sqj, zero) * sm.a - (lse2 ? lse2[r] : T(0)));
+  }
+  if (j0 + kLanes<T> > sm.n) {
+    const Vec<T> keep = load(sm.mask + j0);
+    for (int r = 0; r < NR; ++r) s[r] *= keep;
+  }
+}
+
+// One thread's working memory for one head at a time: blocks of `rows` x ld, ld = N rounded up.
+template <typename T>
+struct Workspace {
+  int64_t n, ld, used = 0;
+  std::vector<T> buf;
+  Workspace(int64_t n_, int64_t rows) : n(n_), ld((n_ + ALIGN - 1) / ALIGN * ALIGN), buf((rows + 1) * ld) {}
+  T* take(int64_t rows) {
+    TORCH_INTERNAL_ASSERT(used + rows * ld <= static_cast<int64_t>(buf.size()), "l2_attention (cpu): workspace");
+    T* p = buf.data() + used;
+    used += rows * ld;
+    return p;
+  }
+  T* zeros(int64_t rows) {
+    T* p = take(rows);
+    std::fill(p, p + rows * ld, T(0));
+    return p;
+  }
+  T* column_mask() {  // 1 for the N real columns, 0 for the padding
+    T* p = take(1);
+    std::fill(p, p + n, T(1));
+    std::fill(p + n, p + ld, T(0));
+    return p;
+  }
+};
+
+// f(h, ws) for every head, in parallel; `rows` rows of ld per head, plus the column mask.
+template <typename T, typename F>
+void for_each_head(int64_t bh, int64_t n, int64_t rows, const F& f) {
+  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
+    Workspace<T> ws(n, rows);
+    for (int64_t h = begin; h < end; ++h) {
+      ws.used = 0;
+      f(h, ws);
     }
   });
 }
 
-// exp(x) for float within ~2 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7
-// polynomial for e^r, then 2^n by the exponent bits), written without branches or library calls so
-// that the compiler vectorises the loops that call it; x is clamped to [-87, 88] (exp(-87) ~ 1.6e-38
-// stands in for smaller values, which only ever multiply into sums of order 1 here).
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float t = x * 1.44269504088896341f + shifter;
-  float n = t - shifter;
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-inline double fast_exp(double x) { return std::exp(x); }
-
-// sum_j a_j b_j
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
-  return acc;
-}
-
-// Row-wise softmax of t_ij = c (2 S_ij - |q_i|^2 - |q_j|^2), in place on S = Q Q^T. The loops are
-// `omp simd`: the reductions may then be reassociated and the loops vectorise.
-template <typename T>
-void softmax_of_gram(T* s, const T* q, int64_t n, int64_t d, T c) {
-  std::vector<T> sq(n);
-  for (int64_t i = 0; i < n; ++i) sq[i] = dot(q + i * d, q + i * d, d);
-  for (int64_t i = 0; i < n; ++i) {
-    T* row = s + i * n;
-    const T sqi = sq[i];
-    T mx = -std::numeric_limits<T>::infinity(), sum = 0;
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < n; ++j) {
-      row[j] = c * (2 * row[j] - sqi - sq[j]);
-      mx = row[j] > mx ? row[j] : mx;
-    }
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
-      row[j] = fast_exp(row[j] - mx);
-      sum += row[j];
-    }
-    const T inv = T(1) / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) row[j] *= inv;
-  }
-}
-
-// dS = P o (dP - delta) in place on dP; r + k (row plus column sums of dS) into rk.
-template <typename T>
-void softmax_vjp(const T* p, T* dp, T* rk, int64_t n) {
-  std::fill(rk, rk + n, T(0));
-  for (int64_t i = 0; i < n; ++i) {
-    const T* pr = p + i * n;
-    T* dr = dp + i * n;
-    const T delta = dot(pr, dr, n);
-    T row = 0;
-#pragma omp simd reduction(+ : row)
-    for (int64_t j = 0; j < n; ++j) {
-      dr[j] = pr[j] * (dr[j] - delta);
-      row += dr[j];
-      rk[j] += dr[j];
-    }
-    rk[i] += row;
-  }
-}
-
-// P' = P o (t' - mu) from M = Q U^T (t'_ij = -2c (M_ii - M_ij - M_ji + M_jj)), written into pd.
-template <typename T>
-void softmax_tangent(const T* p, const T* m, T* pd, int64_t n, T c) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T* pr = p + i * n;
-    T* out = pd + i * n;
-    const T mii = m[i * n + i];
-    for (int64_t j = 0; j < n; ++j) out[j] = -2 * c * (mii - m[i * n + j] - m[j * n + i] + m[j * n + j]);
-    const T mu = dot(pr, out, n);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = pr[j] * (out[j] - mu);
-  }
-}
-
-// From dP (in dp) and dP' (in dpd): dS into dp and dS' into dpd, with their r + k sums.
-template <typename T>
-void softmax_vjp_tangent(const T* p, const T* pd, T* dp, T* dpd, T* rk, T* rkd, int64_t n) {
-  std::fill(rk, rk + n, T(0));
-  std::fill(rkd, rkd + n, T(0));
-  for (int64_t i = 0; i < n; ++i) {
-    const T *pr = p + i * n, *pdr = pd + i * n;
-    T *a = dp + i * n, *b = dpd + i * n;
-    const T delta = dot(pr, a, n), delta_d = dot(pdr, a, n) + dot(pr, b, n);
-    T row = 0, row_d = 0;
-#pragma omp simd reduction(+ : row, row_d)
-    for (int64_t j = 0; j < n; ++j) {
-      b[j] = pdr[j] * (a[j] - delta) + pr[j] * (b[j] - delta_d);
-      a[j] = pr[j] * (a[j] - delta);
-      row += a[j];
-      row_d += b[j];
-      rk[j] += a[j];
-      rkd[j] += b[j];
-    }
-    rk[i] += row;
-    rkd[i] += row_d;
-  }
-}
-
-// out_i = 2c (out_i - rk_i x_i - rk2_i x2_i) for each row i: the diag(r + k) terms of dQ (the
-// second pair only in the double backward, else null), then the factor 2c.
-template <typename T>
-void subtract_diag(T* out, const T* rk, const T* x, const T* rk2, const T* x2, int64_t n, int64_t d, T c) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < d; ++k) {
-      const T diag = rk[i] * x[i * d + k] + (rk2 ? rk2[i] * x2[i * d + k] : T(0));
-      out[i * d + k] = 2 * c * (out[i * d + k] - diag);
-    }
-}
-
-// out += A X + A^T X (batched over a chunk of heads)
-void add_symmetric_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& x) {
-  out.baddbmm_(a, x);
-  out.baddbmm_(a.transpose(1, 2), x);
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t) {
-  return t.data_ptr<T>();
+// f(std::integral_constant<int, NR>, i0) over the rows: blocks of B rows, then of 4, then single rows.
+template <int B, typename F>
+void for_each_row_block(int64_t n, const F& f) {
+  static_assert(B <= R && (B == 4 || B == R), "row blocks of R or 4");
+  int64_t i0 = 0;
+  for (; i0 + B <= n; i0 += B) f(std::integral_constant<int, B>{}, i0);
+  for (; i0 + 4 <= n; i0 += 4) f(std::integral_constant<int, 4>{}, i0);
+  for (; i0 < n; ++i0) f(std::integral_constant<int, 1>{}, i0);
 }
 
 std::tuple<at::Tensor, at::Tensor> l2_attention_fwd(const at::Tensor& q, const at::Tensor& v, double scale) {
   check_q(q);
-  const int64_t bh = q.size(0), n = q.size(1), d = q.size(2);
-  check_heads(q, "q", bh, n, q.scalar_type());
-  check_heads(v, "v", bh, n, q.scalar_type());
-  at::Tensor p = at::empty({bh, n, n}, q.options()), o = at::empty({bh, n, v.size(2)}, v.options());
+  const int64_t bh = q.size(0), n = q.size(1), d = q.size(2), e = v.size(2);
+  check_head(v, "v", bh, n, q.scalar_type());
+  at::Tensor o = at::empty_like(v), lse = at::empty({bh, n}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "l2_attention_fwd", [&] {
-    for_each_chunk(q, 0, [&](int64_t h0, int64_t len, const at::Tensor&) {
-      at::Tensor pc = p.narrow(0, h0, len), qc = q.narrow(0, h0, len), oc = o.narrow(0, h0, len);
-      at::bmm_out(pc, qc, qc.transpose(1, 2));
-      for (int64_t h = 0; h < len; ++h)
-        softmax_of_gram<scalar_t>(ptr<scalar_t>(pc[h]), ptr<scalar_t>(qc[h]), n, d, (scalar_t)scale);
-      at::bmm_out(oc, pc, v.narrow(0, h0, len));
+    using T = scalar_t;
+    const Heads<T> Q(q), V(v), O(o);
+    const T a = static_cast<T>(scale * M_LOG2E);
+    for_each_head<T>(bh, n, d + e + 1 + R, [&](int64_t h, Workspace<T>& ws) {
+      const int64_t ld = ws.ld;
+      T *mask = ws.column_mask(), *qt = ws.take(d), *vt = ws.take(e), *sq = ws.take(1), *p = ws.take(R);
+      T* lse_h = lse.data_ptr<T>() + h * n;
+      load_panel(Q, h, n, ld, qt);
+      load_panel(V, h, n, ld, vt);
+      column_dots(qt, qt, d, ld, sq);
+      const Softmax<T> sm{a, sq, mask, n};
+      std::vector<T> o_rows(R * e);
+      for_each_row_block<R>(n, [&](auto nr, int64_t i0) {
+        constexpr int NR = decltype(nr)::value;
+        Tile<T> z;  // row sums of exp(t_ij)
+        zero<NR>(z);
+        for (int64_t j0 = 0; j0 < ld; j0 += kLanes<T>) {
+          Tile<T> s;
+          tile_product<NR>(qt, qt, d, ld, i0, j0, s);
+          softmax_tile<NR>(s, sm, (const T*)nullptr, i0, j0);  // unnormalised: exp(t_ij)
+          store_tile<NR>(s, p, ld, j0);
+          for (int r = 0; r < NR; ++r) z[r] += s[r];
+        }
+        std::fill(o_rows.begin(), o_rows.end(), T(0));
+        row_products<NR>(p, vt, e, ld, o_rows.data(), e, 1);
+        for (int r = 0; r < NR; ++r) {
+          const T zr = total(z[r]);
+          lse_h[i0 + r] = std::log2(zr);
+          for (int64_t k = 0; k < e; ++k) O.at(h, i0 + r, k) = o_rows[r * e + k] / zr;
+        }
+      });
     });
   });
-  return {o, p};
+  return {o, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> l2_attention_bwd(const at::Tensor& q, const at::Tensor& v, const at::Tensor& p,
-                                                    const at::Tensor& g, double scale) {
+std::tuple<at::Tensor, at::Tensor> l2_attention_bwd(const at::Tensor& q, const at::Tensor& v, const at::Tensor& o,
+                                                    const at::Tensor& lse_in, const at::Tensor& g, double scale) {
   check_q(q);
-  const int64_t bh = q.size(0), n = q.size(1), d = q.size(2);
-  for (auto [t, name] : {std::pair{q, "q"}, {v, "v"}, {g, "g"}, {p, "p"}}) check_heads(t, name, bh, n, q.scalar_type());
-  TORCH_CHECK(g.size(2) == v.size(2) && p.size(2) == n,
-              "l2_attention (cpu): g must match v in its last dim, p must be (batch*heads, N, N)");
+  const int64_t bh = q.size(0), n = q.size(1), d = q.size(2), e = v.size(2);
+  for (auto [t, name] : {std::pair{v, "v"}, {o, "o"}, {g, "g"}}) {
+    check_head(t, name, bh, n, q.scalar_type());
+    check_dims(t, name, e, "v");
+  }
+  check_lse(lse_in, q);
+  const at::Tensor lse = lse_in.contiguous();
   at::Tensor dq = at::empty_like(q), dv = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "l2_attention_bwd", [&] {
-    for_each_chunk(q, 1, [&](int64_t h0, int64_t len, const at::Tensor& scratch) {
-      auto part = [&](const at::Tensor& t) { return t.narrow(0, h0, len); };
-      at::Tensor ds = scratch[0], pc = part(p), qc = part(q), dqc = part(dq), dvc = part(dv);
-      std::vector<scalar_t> rk(len * n);
-      at::bmm_out(ds, part(g), part(v).transpose(1, 2));  // dP
-      for (int64_t h = 0; h < len; ++h) softmax_vjp<scalar_t>(ptr<scalar_t>(pc[h]), ptr<scalar_t>(ds[h]), &rk[h * n], n);
-      at::bmm_out(dvc, pc.transpose(1, 2), part(g));
-      dqc.zero_();
-      add_symmetric_product(dqc, ds, qc);
-      subtract_diag<scalar_t>(ptr<scalar_t>(dqc), rk.data(), ptr<scalar_t>(qc), nullptr, nullptr, len * n, d,
-                              (scalar_t)scale);
+    using T = scalar_t;
+    const Heads<T> Q(q), V(v), O(o), G(g), DQ(dq), DV(dv);
+    const T c = static_cast<T>(scale);
+    for_each_head<T>(bh, n, 2 * d + 4 * e + 4 + R, [&](int64_t h, Workspace<T>& ws) {
+      const int64_t ld = ws.ld;
+      // [Q^T; 1]: the row of ones after Q^T (also the column mask) turns the query- and key-role
+      // products with dS into its row and column sums as well, accumulated in dqt's last row.
+      T *qt = ws.take(d), *mask = ws.column_mask(), *vt = ws.take(e), *gt = ws.take(e), *ot = ws.take(e);
+      T *ds_rows = ws.take(R), *sq = ws.take(1), *delta = ws.take(1), *dvt = ws.zeros(e), *dqt = ws.zeros(d + 1);
+      const T* lse_h = lse.data_ptr<T>() + h * n;
+      load_panel(Q, h, n, ld, qt);
+      load_panel(V, h, n, ld, vt);
+      load_panel(G, h, n, ld, gt);
+      load_panel(O, h, n, ld, ot);
+      column_dots(qt, qt, d, ld, sq);
+      const Softmax<T> sm{static_cast<T>(scale * M_LOG2E), sq, mask, n};
+      column_dots(gt, ot, e, ld, delta);  // delta_i = g_i.o_i
+      for_each_row_block<R>(n, [&](auto nr, int64_t i0) {
+        constexpr int NR = decltype(nr)::value;
+        for (int64_t j0 = 0; j0 < ld; j0 += kLanes<T>) {
+          Tile<T> p, ds;
+          tile_product<NR>(qt, qt, d, ld, i0, j0, p);
+          softmax_tile<NR>(p, sm, lse_h + i0, i0, j0);
+          tile_product<NR>(gt, vt, e, ld, i0, j0, ds);  // dP
+          for (int r = 0; r < NR; ++r) ds[r] = p[r] * (ds[r] - delta[i0 + r]);
+          store_tile<NR>(ds, ds_rows, ld, j0);
+          tile_accumulate<NR>(dvt, gt, e, ld, i0, j0, p);       // dV = P^T G
+          tile_accumulate<NR>(dqt, qt, d + 1, ld, i0, j0, ds);  // dS^T [Q 1]: key role, k_j
+        }
+        row_products<NR>(ds_rows, qt, d + 1, ld, dqt + i0, 1, ld);  // dS [Q 1]: query role, r_i
+      });
+      store_panel(dqt, dqt + d * ld, qt, (T*)nullptr, (T*)nullptr, 2 * c, n, ld, DQ, h);
+      store_panel(dvt, (T*)nullptr, (T*)nullptr, (T*)nullptr, (T*)nullptr, T(1), n, ld, DV, h);
     });
   });
   return {dq, dv};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> l2_attention_bwd2(const at::Tensor& q, const at::Tensor& v,
-                                                                 const at::Tensor& p, const at::Tensor& g,
-                                                                 const at::Tensor& u, const at::Tensor& w,
-                                                                 double scale) {
+                                                                 const at::Tensor& o, const at::Tensor& lse_in,
+                                                                 const at::Tensor& g, const at::Tensor& u,
+                                                                 const at::Tensor& w, double scale) {
   check_q(q);
-  const int64_t bh = q.size(0), n = q.size(1), d = q.size(2);
-  for (auto [t, name] : {std::pair{q, "q"}, {v, "v"}, {g, "g"}, {u, "u"}, {w, "w"}, {p, "p"}})
-    check_heads(t, name, bh, n, q.scalar_type());
-  TORCH_CHECK(u.size(2) == d && w.size(2) == v.size(2) && g.size(2) == v.size(2) && p.size(2) == n,
-              "l2_attention (cpu): u must match q, g and w must match v in their last dim, p must be (B*H, N, N)");
+  const int64_t bh = q.size(0), n = q.size(1), d = q.size(2), e = v.size(2);
+  check_head(u, "u", bh, n, q.scalar_type());
+  check_dims(u, "u", d, "q");
+  for (auto [t, name] : {std::pair{v, "v"}, {o, "o"}, {g, "g"}, {w, "w"}}) {
+    check_head(t, name, bh, n, q.scalar_type());
+    check_dims(t, name, e, "v");
+  }
+  check_lse(lse_in, q);
+  const at::Tensor lse = lse_in.contiguous();
   at::Tensor gq = at::empty_like(q), gv = at::empty_like(v), gg = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "l2_attention_bwd2", [&] {
-    for_each_chunk(q, 3, [&](int64_t h0, int64_t len, const at::Tensor& scratch) {
-      auto part = [&](const at::Tensor& t) { return t.narrow(0, h0, len); };
-      at::Tensor a = scratch[0], pd = scratch[1], b = scratch[2];
-      at::Tensor pc = part(p), qc = part(q), uc = part(u), gc = part(g), gqc = part(gq), gvc = part(gv), ggc = part(gg);
-      const auto c = (scalar_t)scale;
-      std::vector<scalar_t> rk(len * n), rkd(len * n);
-      at::bmm_out(a, qc, uc.transpose(1, 2));  // M = Q U^T
-      for (int64_t h = 0; h < len; ++h)
-        softmax_tangent<scalar_t>(ptr<scalar_t>(pc[h]), ptr<scalar_t>(a[h]), ptr<scalar_t>(pd[h]), n, c);
-      at::bmm_out(ggc, pd, part(v));  // O' = P' V + P W
-      ggc.baddbmm_(pc, part(w));
-      at::bmm_out(a, gc, part(v).transpose(1, 2));  // dP
-      at::bmm_out(b, gc, part(w).transpose(1, 2));  // dP'
-      for (int64_t h = 0; h < len; ++h)
-        softmax_vjp_tangent<scalar_t>(ptr<scalar_t>(pc[h]), ptr<scalar_t>(pd[h]), ptr<scalar_t>(a[h]),
-                                      ptr<scalar_t>(b[h]), &rk[h * n], &rkd[h * n], n);
-      at::bmm_out(gvc, pd.transpose(1, 2), gc);
-      gqc.zero_();
-      add_symmetric_product(gqc, b, qc);
-      add_symmetric_product(gqc, a, uc);
-      subtract_diag<scalar_t>(ptr<scalar_t>(gqc), rkd.data(), ptr<scalar_t>(qc), rk.data(), ptr<scalar_t>(uc), len * n,
-                              d, c);
+    using T = scalar_t;
+    const Heads<T> Q(q), V(v), O(o), G(g), U(u), W(w), GQ(gq), GV(gv), GG(gg);
+    const T c = static_cast<T>(scale);
+    for_each_head<T>(bh, n, 4 * d + 5 * e + 7 + 4 * R, [&](int64_t h, Workspace<T>& ws) {
+      const int64_t ld = ws.ld;
+      // [Q^T; 1] and [U^T; 1], as in the first-order pass: the last rows of gqt and gut collect
+      // r' + k' (of dS') and r + k (of dS).
+      T *qt = ws.take(d), *mask = ws.column_mask(), *ut = ws.take(d);
+      ws.column_mask();  // the ones after U^T
+      T *vt = ws.take(e), *wt = ws.take(e), *gt = ws.take(e), *ot = ws.take(e), *p_rows = ws.take(R), *pd_rows = ws.take(R);
+      T *ds_rows = ws.take(R), *dsd_rows = ws.take(R), *sq = ws.take(1), *qu = ws.take(1), *delta = ws.take(1);
+      T *gvt = ws.zeros(e), *gqt = ws.zeros(d + 1), *gut = ws.zeros(d + 1);
+      const T* lse_h = lse.data_ptr<T>() + h * n;
+      load_panel(Q, h, n, ld, qt);
+      load_panel(U, h, n, ld, ut);
+      load_panel(V, h, n, ld, vt);
+      load_panel(W, h, n, ld, wt);
+      load_panel(G, h, n, ld, gt);
+      load_panel(O, h, n, ld, ot);
+      column_dots(qt, qt, d, ld, sq);
+      const Softmax<T> sm{static_cast<T>(scale * M_LOG2E), sq, mask, n};
+      column_dots(qt, ut, d, ld, qu);
+      column_dots(gt, ot, e, ld, delta);
+      std::vector<T> od_rows(R * e);
+      for_each_row_block<R>(n, [&](auto nr, int64_t i0) {
+        constexpr int NR = decltype(nr)::value;
+        // P and t'_ij = -2c (q_i.u_i - q_i.u_j - u_i.q_j + q_j.u_j)
+        for (int64_t j0 = 0; j0 < ld; j0 += kLanes<T>) {
+          Tile<T> p, tq, tu;
+          tile_product<NR>(qt, qt, d, ld, i0, j0, p);
+          softmax_tile<NR>(p, sm, lse_h + i0, i0, j0);
+          tile_product<NR>(qt, ut, d, ld, i0, j0, tq);  // q_i.u_j
+          tile_product<NR>(ut, qt, d, ld, i0, j0, tu);  // u_i.q_j
+          const Vec<T> quj = load(qu + j0);
+          for (int r = 0; r < NR; ++r) tq[r] = -2 * c * (qu[i0 + r] - tq[r] - tu[r] + quj);
+          store_tile<NR>(p, p_rows, ld, j0);
+          store_tile<NR>(tq, pd_rows, ld, j0);
+        }
+        // P' = P o (t' - mu), mu_i = sum_j P_ij t'_ij; O' = P' V + P W; delta'_i = g_i.O'_i
+        for (int r = 0; r < NR; ++r) {
+          T *pd = pd_rows + r * ld, *p = p_rows + r * ld;
+          Vec<T> mu{};
+          for (int64_t j = 0; j < ld; j += kLanes<T>) mu += load(p + j) * load(pd + j);
+          const T m = total(mu);
+          for (int64_t j = 0; j < ld; j += kLanes<T>) store(pd + j, load(p + j) * (load(pd + j) - m));
+        }
+        std::fill(od_rows.begin(), od_rows.end(), T(0));
+        row_products<NR>(pd_rows, vt, e, ld, od_rows.data(), e, 1);
+        row_products<NR>(p_rows, wt, e, ld, od_rows.data(), e, 1);
+        T delta_d[R];
+        for (int r = 0; r < NR; ++r) {
+          delta_d[r] = 0;
+          for (int64_t k = 0; k < e; ++k) {
+            GG.at(h, i0 + r, k) = od_rows[r * e + k];
+            delta_d[r] += gt[k * ld + i0 + r] * od_rows[r * e + k];
+          }
+        }
+        // dS = P o (dP - delta), dS' = P' o (dP - delta) + P o (dP' - delta'); dP = G V^T, dP' = G W^T
+        for (int64_t j0 = 0; j0 < ld; j0 += kLanes<T>) {
+          Tile<T> ds, dsd, pd;
+          tile_product<NR>(gt, vt, e, ld, i0, j0, ds);
+          tile_product<NR>(gt, wt, e, ld, i0, j0, dsd);
+          for (int r = 0; r < NR; ++r) {
+            const Vec<T> p = load(p_rows + r * ld + j0), dp = ds[r] - delta[i0 + r];
+            dsd[r] = load(pd_rows + r * ld + j0) * dp + p * (dsd[r] - delta_d[r]);
+            ds[r] = p * dp;
+          }
+          store_tile<NR>(ds, ds_rows, ld, j0);
+          store_tile<NR>(dsd, dsd_rows, ld, j0);
+          tile_accumulate<NR>(gqt, qt, d + 1, ld, i0, j0, dsd);  // dS'^T [Q 1]
+          tile_accumulate<NR>(gut, ut, d + 1, ld, i0, j0, ds);   // dS^T [U 1]
+          load_tile<NR>(pd_rows, ld, j0, pd);
+          tile_accumulate<NR>(gvt, gt, e, ld, i0, j0, pd);  // gV = P'^T G
+        }
+        row_products<NR>(dsd_rows, qt, d + 1, ld, gqt + i0, 1, ld);  // dS' [Q 1]
+        row_products<NR>(ds_rows, ut, d + 1, ld, gut + i0, 1, ld);   // dS [U 1]
+      });
+      for (int64_t j = 0; j < d * ld; ++j) gqt[j] += gut[j];
+      store_panel(gqt, gqt + d * ld, qt, gut + d * ld, ut, 2 * c, n, ld, GQ, h);
+      store_panel(gvt, (T*)nullptr, (T*)nullptr, (T*)nullptr, (T*)nullptr, T(1), n, ld, GV, h);
     });
   });
   return {gq, gv, gg};
@@ -299,8 +527,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> l2_attention_bwd2(const at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(acf, m) {
   m.def("l2_attention_fwd(Tensor q, Tensor v, float scale) -> (Tensor, Tensor)");
-  m.def("l2_attention_bwd(Tensor q, Tensor v, Tensor p, Tensor g, float scale) -> (Tensor, Tensor)");
-  m.def("l2_attention_bwd2(Tensor q, Tensor v, Tensor p, Tensor g, Tensor u, Tensor w, float scale) "
+  m.def("l2_attention_bwd(Tensor q, Tensor v, Tensor o, Tensor lse, Tensor g, float scale) -> (Tensor, Tensor)");
+  m.def("l2_attention_bwd2(Tensor q, Tensor v, Tensor o, Tensor lse, Tensor g, Tensor u, Tensor w, float scale) "
         "-> (Tensor, Tensor, Tensor)");
 }
 

@@ -12,8 +12,7 @@ from helpers import ascent_ratio, jacobian, random_pair_ratio
 def attention_fn(layer):
     """``F(X) / L`` as a map on NCHW images (the normalised attention before eq. 13's sum)."""
     def fn(x):
-        b, c, h, w = x.shape
-        return layer.attend(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
+        return layer.attend(x.flatten(2)).reshape(x.shape)
     return fn
 
 

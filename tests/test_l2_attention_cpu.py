@@ -108,13 +108,39 @@ def test_bad_input():
     q = torch.randn(1, 1, 5, 4)
     with pytest.raises(ValueError, match="'cpu' needs CPU float32/float64"):
         l2_attention(q.half(), q.half(), backend="cpu")
-    with pytest.raises(RuntimeError, match="must be contiguous"):
-        torch.ops.acf.l2_attention_fwd(q.reshape(1, 5, 4).transpose(1, 2), q.reshape(1, 5, 4)[:, :4], 0.5)
+    x = q.reshape(1, 5, 4)
+    with pytest.raises(RuntimeError, match=r"must be \(batch\*heads, N, dim\)"):
+        torch.ops.acf.l2_attention_fwd(x, x[:, :4], 0.5)
     with pytest.raises(RuntimeError, match="has dtype"):
-        torch.ops.acf.l2_attention_fwd(q.reshape(1, 5, 4), q.reshape(1, 5, 4).double(), 0.5)
-    with pytest.raises(RuntimeError, match="has shape"):
-        torch.ops.acf.l2_attention_bwd(q.reshape(1, 5, 4), q.reshape(1, 5, 4), torch.zeros(1, 4, 4),
-                                       q.reshape(1, 5, 4), 0.5)
+        torch.ops.acf.l2_attention_fwd(x, x.double(), 0.5)
+    o, lse = torch.ops.acf.l2_attention_fwd(x, x, 0.5)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        torch.ops.acf.l2_attention_bwd(x, x, o, lse[:, :4], x, 0.5)
+    with pytest.raises(RuntimeError, match="g must match v"):
+        torch.ops.acf.l2_attention_bwd(x, x, o, lse, x[..., :3], 0.5)
+    with pytest.raises(RuntimeError, match="u must match q"):
+        torch.ops.acf.l2_attention_bwd2(x, x, o, lse, x, x[..., :3], x, 0.5)
+
+
+LAYOUTS = {  # (B, H, N, d) views of the same values with different strides
+    "row-major": lambda t: t.contiguous(),
+    "column-major": lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2),  # what the layer passes
+    "heads-inner": lambda t: t.transpose(1, 2).contiguous().transpose(1, 2),
+    "strided": lambda t: torch.stack([t, t], dim=-2).flatten(-3, -2)[..., ::2, :],
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_any_strides(layout):
+    """The kernels read and write heads of any strides (outputs take the layout of their input)."""
+    q, v, g, u, w = (LAYOUTS[layout](t) for t in rand_inputs(2, 3, 13, 5, 6, torch.float64))
+    got = first_and_second(cpu_fn, q, v, g, u, w, 0.4)
+    want = first_and_second(l2_attention_reference, q, v, g, u, w, 0.4)
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], atol=1e-12, rtol=1e-10, msg=key)
+    if layout == "column-major":  # the layer's layout is read and written in place, without copies
+        assert cpu_fn(q, v, 0.4).stride() == v.stride()
 
 
 def test_fallback_without_extension(monkeypatch):
