@@ -42,9 +42,11 @@ def compile_flags():
 
     * ``-g0``: no debug info (a smaller .so, a faster build).
     * ``-fno-trapping-math``: nothing here traps on FP exceptions; it lets GCC vectorise loops with
-      clamps (the exp of ``csrc/l2_attention_cpu.cpp``).
+      clamps and selects.
     * ``-march=native`` (x86-64 / aarch64, unless ``ACF_PORTABLE=1``): the extension is built on the
-      machine that runs it; AVX-512 / AVX2 make the CPU attention loops 1.3-1.7x faster than SSE2.
+      machine that runs it. The CPU attention kernels (``csrc/l2_attention_cpu.cpp``) use vectors
+      as wide as the build's registers: measured at N = 196, d = 8 on one core, the AVX-512 build is
+      about 2x faster than an AVX2 build and 5x faster than the SSE2 build ``ACF_PORTABLE=1`` gives.
     * ``-fopenmp`` (Linux, compile only): ``at::parallel_for`` is an OpenMP pragma in torch's Linux
       builds, ignored without it (one thread). Not linked: the pragmas call the OpenMP runtime torch
       has already loaded, never a second one.

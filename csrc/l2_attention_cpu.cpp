@@ -36,10 +36,12 @@
 // return the row and column sums r and k. Heads run in parallel (at::parallel_for); the panels and
 // row buffers of a head (tens of KiB at N = 196, d = 8) stay in L1/L2. Inputs may have any strides
 // (the layer passes column-major heads, which load with unit stride); outputs take the layout of the
-// input they match (empty_like). A tile row is a GCC/Clang vector of 64 bytes (`Vec`), which keeps
-// the tiles in registers: one AVX-512 register with -march=native (see setup.py), two AVX2 ones
-// otherwise. Measured on 2 cores (N = 196, d = 8, bench/bench_train_step.py): a training step of
-// the CPU preset with L2 attention costs 2.7-3.0x the step without attention.
+// input they match (empty_like). A tile row is a GCC/Clang vector (`Vec`) as wide as the widest
+// register the build targets (64 bytes with AVX-512, 32 with AVX, 16 otherwise; setup.py builds
+// with -march=native), which keeps the tiles in registers. Measured on 2 cores (N = 196, d = 8, bench/bench_train_step.py): a training step of
+// the CPU preset with L2 attention costs 2.7-3.0x the step without attention. The tiles pay off
+// while the head dim is small: from d = 32 (below N = 1024) MKL's blocked products in the PyTorch
+// reference are faster, and backend="auto" picks the reference there (acf.functional._auto_backend).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -60,22 +62,30 @@ namespace {
 constexpr int R = 8;            // rows per block
 constexpr int64_t ALIGN = 16;   // ld is a multiple of this (the lanes of the widest Vec)
 
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
 template <typename T>
 struct Simd;
 template <>
 struct Simd<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
+  typedef float V __attribute__((vector_size(kVecBytes)));
+  typedef int32_t I __attribute__((vector_size(kVecBytes)));
 };
 template <>
 struct Simd<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
+  typedef double V __attribute__((vector_size(kVecBytes)));
+  typedef int64_t I __attribute__((vector_size(kVecBytes)));
 };
 template <typename T>
 using Vec = typename Simd<T>::V;
 template <typename T>
-constexpr int64_t kLanes = 64 / sizeof(T);
+constexpr int64_t kLanes = kVecBytes / sizeof(T);
 template <typename T>
 using Tile = Vec<T>[R];  // R rows x kLanes<T> columns
 

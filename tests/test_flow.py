@@ -105,7 +105,7 @@ def test_sequential_flow_trains():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) < sum(losses[:3])
     assert all(b < 1 for b in flow.lipschitz_bounds())

@@ -98,7 +98,8 @@ def test_auto_uses_cpu_kernels_in_training():
         y, logdet = block(x)
         (y.square().sum() - logdet.sum()).backward()
         grads[backend] = [p.grad.clone() for p in block.parameters() if p.grad is not None]
-    assert F._auto_backend(x.reshape(1, 1, 3, -1), x.reshape(1, 1, 3, -1)) == "cpu"
+    heads = torch.empty(3, 2, 25, 4, dtype=torch.float64)  # the layer's (B, H, N, d)
+    assert F._auto_backend(heads, heads) == "cpu"
     for a, b in zip(grads["auto"], grads["reference"]):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
@@ -141,6 +142,17 @@ def test_any_strides(layout):
         torch.testing.assert_close(got[key], want[key], atol=1e-12, rtol=1e-10, msg=key)
     if layout == "column-major":  # the layer's layout is read and written in place, without copies
         assert cpu_fn(q, v, 0.4).stride() == v.stride()
+
+
+@needs_ext
+def test_auto_rule_by_head_dim_and_n():
+    """auto takes the fused kernels where they were measured faster than the reference."""
+    rule = {(196, 8): "cpu", (196, 16): "cpu", (196, 32): "reference", (1024, 32): "cpu",
+            (1024, 64): "reference", (49, 128): "reference"}
+    for (n, d), want in rule.items():
+        q = torch.empty(1, 1, n, d)
+        assert F._auto_backend(q, q) == want, (n, d)
+    assert F._auto_backend(torch.empty(1, 1, 196, 8), torch.empty(1, 1, 196, 64)) == "reference"  # e counts
 
 
 def test_fallback_without_extension(monkeypatch):
