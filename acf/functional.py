@@ -235,8 +235,7 @@ def triton_available() -> bool:
 
 _TRITON_OK: Optional[bool] = None
 _TRITON_MAX_HEAD_DIM = 128
-_CPU_FUSED_HEAD_DIM = 16    # auto: the fused CPU kernels up to this head dim ...
-_CPU_FUSED_LONG_N = 1024    # ... and up to twice it from this N on (see _auto_backend)
+_CPU_FUSED_MAX_HEAD_DIM = 32  # auto: the fused CPU kernels up to this head dim (see _auto_backend)
 
 
 def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
@@ -245,14 +244,14 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
     * CUDA: ``"triton"`` (fused forward, VJP and double VJP) when Triton imports, the dtype is
       fp16/bf16/fp32/fp64 and both head dims are <= 128; otherwise ``"reference"``.
     * CPU, float32/float64, ``acf._C`` loaded: ``"cpu"`` (fused kernels, differentiable twice)
-      for head dims up to 16, and up to 32 from N = 1024 on; ``"reference"`` otherwise, and for
-      half precision. The fused kernels keep every tile in registers, which wins while the head
-      dim is small; from head dim 32 (below N = 1024) MKL's blocked products in the reference win.
-      Measured on 2 cores, a training step's mix (forward, 6 VJPs, one double VJP): the fused
-      kernels are 1.1-5.5x faster at head dims 8-16, 2.5x at (N 1024, d 32), 0.45-0.97x at head
-      dims 32-128 below N = 1024 and 0.5-0.95x at (N 1024, d 64-128). On the CPU preset
-      (``bench/bench_train_step.py``, N = 196, d = 8): a training step costs 2.7-3.0x the step
-      without attention with ``"cpu"``, 10-11x with ``"reference"``.
+      for head dims up to 32; ``"reference"`` for larger head dims, and for half precision. The
+      fused kernels keep every tile in registers, which wins while the head dim is small; from head
+      dim 64 MKL's blocked products in the reference win. Measured on 2 cores over a training
+      step's mix (forward, 6 VJPs, one double VJP; ``bench/cpu_attention_crossover.py``): the fused
+      kernels are 1.6-3.9x faster at head dims 8-16, 0.9-2.5x at head dim 32 (a tie below N = 1024,
+      in O(N) instead of O(N^2) memory), 0.5-0.9x at head dims 64-128. On the CPU preset
+      (``bench/bench_train_step.py``, N = 196, d = 8) a training step costs 2.6-3.0x the step
+      without attention with ``"cpu"``, 9-11x with ``"reference"``.
       ``"sdpa"`` is never chosen automatically: it is first-order only and, at forward time,
       nothing tells whether the caller will differentiate a VJP later (the Neumann log-det
       gradient does, with ``create_graph=True``); on CPU it is also slower than the reference.
@@ -269,8 +268,7 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
     ):
         return "triton"
     if q.device.type == "cpu" and q.dtype in _CPU_DTYPES and cpu_kernels_available():
-        head_dim, n = max(q.shape[-1], v.shape[-1]), q.shape[-2]
-        if head_dim <= _CPU_FUSED_HEAD_DIM or (head_dim <= 2 * _CPU_FUSED_HEAD_DIM and n >= _CPU_FUSED_LONG_N):
+        if max(q.shape[-1], v.shape[-1]) <= _CPU_FUSED_MAX_HEAD_DIM:
             return "cpu"
     return "reference"
 

@@ -1,7 +1,7 @@
 """pytest-benchmark of one training step with and without L2 attention (issue 4, CPU item).
 
     python -m pytest bench/bench_train_step.py --benchmark-only -s   # table + ratio summary
-    python bench/bench_train_step.py                                   # ratio summary only
+    python bench/bench_train_step.py [--rounds 9 --repeats 3 --out bench/results/DATE-cpu-train-step.md]
 
 The workload is the default ``acf train`` step: Residual Flow, CPU preset, MNIST-5k, batch 64,
 Russian-roulette log-det with the Neumann gradient (so each step runs the attention forward, about
@@ -69,18 +69,53 @@ def test_train_step(benchmark, variant):
     RESULTS[variant] = benchmark.stats.stats.min
 
 
-def main(rounds: int = 5) -> None:
-    """Interleave the variants round by round (fairer on a shared machine) and print the summary."""
+def main(rounds: int = 5, repeats: int = 1) -> list[dict[str, float]]:
+    """Interleave the variants round by round (fairer on a shared machine), ``repeats`` times;
+    print each summary and return the best-of-rounds seconds per variant of each repeat."""
     names = [v for v in VARIANTS if v != "l2-cpu" or cpu_kernels_available()]
     trainers = {v: make_trainer(v) for v in names}
     for trainer in trainers.values():
         trainer.train_step()  # warm-up
-    times: dict[str, list[float]] = {v: [] for v in names}
-    for r in range(rounds):
-        for v in names:
-            times[v].append(timed_step(trainers[v], r))
-    print(summary_table({v: min(ts) for v, ts in times.items()}))
+    out = []
+    for _ in range(repeats):
+        times: dict[str, list[float]] = {v: [] for v in names}
+        for r in range(rounds):
+            for v in names:
+                times[v].append(timed_step(trainers[v], r))
+        out.append({v: min(ts) for v, ts in times.items()})
+        print(summary_table(out[-1]))
+    return out
+
+
+def write_markdown(path: str, results: list[dict[str, float]], rounds: int) -> None:
+    """The repeats as a markdown table, with the machine and versions."""
+    import datetime
+    import os
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    names = list(results[0])
+    lines = [f"# Training step, CPU preset ({datetime.date.today()})", "",
+             f"`python bench/bench_train_step.py --rounds {rounds} --repeats {len(results)}`: {cpu}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}. Best of {rounds} interleaved "
+             "rounds per repeat; the ratio is to the step without attention in the same repeat.", "",
+             "| repeat | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, res in enumerate(results, 1):
+        cells = [f"{res[v] * 1e3:.1f} ms ({res[v] / res['none']:.2f}x)" for v in names]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", help="also write the repeats as a markdown table to this file")
+    args = parser.parse_args()
+    found = main(args.rounds, args.repeats)
+    if args.out:
+        write_markdown(args.out, found, args.rounds)

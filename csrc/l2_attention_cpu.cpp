@@ -40,8 +40,8 @@
 // register the build targets (64 bytes with AVX-512, 32 with AVX, 16 otherwise; setup.py builds
 // with -march=native), which keeps the tiles in registers. Measured on 2 cores (N = 196, d = 8, bench/bench_train_step.py): a training step of
 // the CPU preset with L2 attention costs 2.7-3.0x the step without attention. The tiles pay off
-// while the head dim is small: from d = 32 (below N = 1024) MKL's blocked products in the PyTorch
-// reference are faster, and backend="auto" picks the reference there (acf.functional._auto_backend).
+// while the head dim is small: from d = 64 MKL's blocked products in the PyTorch reference are
+// faster, and backend="auto" picks the reference there (acf.functional._auto_backend).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
