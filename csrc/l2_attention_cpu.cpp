@@ -38,10 +38,13 @@
 // (the layer passes column-major heads, which load with unit stride); outputs take the layout of the
 // input they match (empty_like). A tile row is a GCC/Clang vector (`Vec`) as wide as the widest
 // register the build targets (64 bytes with AVX-512, 32 with AVX, 16 otherwise; setup.py builds
-// with -march=native), which keeps the tiles in registers. Measured on 2 cores (N = 196, d = 8, bench/bench_train_step.py): a training step of
-// the CPU preset with L2 attention costs 2.7-3.0x the step without attention. The tiles pay off
-// while the head dim is small: from d = 64 MKL's blocked products in the PyTorch reference are
-// faster, and backend="auto" picks the reference there (acf.functional._auto_backend).
+// with -march=native), which keeps the tiles in registers.
+//
+// Measured on 2 cores (bench/bench_train_step.py, N = 196, d = 8): a training step of the CPU preset
+// with L2 attention costs 2.6-3.0x the step without attention. The tiles pay off while the head dim
+// is small: from d = 64 MKL's blocked products in the PyTorch reference are faster, and
+// backend="auto" picks the reference there (acf.functional._auto_backend,
+// bench/cpu_attention_crossover.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -161,7 +164,7 @@ inline Vec<float> vexp2(Vec<float> x) {
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm512_scalef_ps(exp2_poly(x - n), n);
 }
-inline Vec<float> vmin(Vec<float> a, Vec<float> b) { return _mm512_min_ps(a, b); }
+inline Vec<float> vmin(Vec<float> a, Vec<float> b) { return _mm512_min_ps(a, b); }  // b if either is NaN
 #else
 inline Vec<float> vexp2(Vec<float> x) {
   x = x < splat(-126.0f) ? splat(-126.0f) : x;
@@ -216,7 +219,8 @@ template <typename T>
 void column_dots(const T* a, const T* b, int64_t dim, int64_t ld, T* out) {
   std::fill(out, out + ld, T(0));
   for (int64_t k = 0; k < dim; ++k)
-    for (int64_t j = 0; j < ld; j += kLanes<T>) store(out + j, load(out + j) + load(a + k * ld + j) * load(b + k * ld + j));
+    for (int64_t j = 0; j < ld; j += kLanes<T>)
+      store(out + j, load(out + j) + load(a + k * ld + j) * load(b + k * ld + j));
 }
 
 template <int NR, typename V>
@@ -270,7 +274,7 @@ inline void row_products(const T* rows, const T* b, int64_t dim, int64_t ld, T* 
 
 // The softmax of one head in base 2: with a = c log2(e), t_ij log2(e) = a (2 q_i.q_j - |q_i|^2 - |q_j|^2)
 // and P_ij = 2^(t_ij log2(e) - lse2_i). The bracket is formed before scaling, so that its cancellation
-// is as exact as the Gram entry allows (t_ii = 0 exactly: s_ii and |q_i|^2 are the same sum).
+// is as exact as the Gram entry allows (s_ii and |q_i|^2 are the same sum, so t_ii is 0 or a rounding).
 template <typename T>
 struct Softmax {
   T a;
@@ -280,12 +284,13 @@ struct Softmax {
 };
 
 // In place on the Gram tile s_ij = q_i.q_j: 2^(min(t_ij, 0) log2(e) - lse2_i) (lse2 = 0 when null:
-// the unnormalised forward), 0 in padded columns. min(t, 0) keeps t on the side of its exact value.
+// the unnormalised forward), 0 in padded columns. min(t, 0) keeps t on the side of its exact value;
+// vmin(0, t) returns a NaN t, so NaN inputs give NaN outputs, as in the reference.
 template <int NR, typename T>
 inline void softmax_tile(Tile<T>& s, const Softmax<T>& sm, const T* lse2, int64_t i0, int64_t j0) {
   const Vec<T> sqj = load(sm.sq + j0), zero = Vec<T>{};
   for (int r = 0; r < NR; ++r) {
-    s[r] = vexp2(vmin(2 * s[r] - sm.sq[i0 + r] - sqj, zero) * sm.a - (lse2 ? lse2[r] : T(0)));
+    s[r] = vexp2(vmin(zero, 2 * s[r] - sm.sq[i0 + r] - sqj) * sm.a - (lse2 ? lse2[r] : T(0)));
   }
   if (j0 + kLanes<T> > sm.n) {
     const Vec<T> keep = load(sm.mask + j0);
@@ -298,7 +303,7 @@ template <typename T>
 struct Workspace {
   int64_t n, ld, used = 0;
   std::vector<T> buf;
-  Workspace(int64_t n_, int64_t rows) : n(n_), ld((n_ + ALIGN - 1) / ALIGN * ALIGN), buf((rows + 1) * ld) {}
+  Workspace(int64_t n_, int64_t rows) : n(n_), ld((n_ + ALIGN - 1) / ALIGN * ALIGN), buf(rows * ld) {}
   T* take(int64_t rows) {
     TORCH_INTERNAL_ASSERT(used + rows * ld <= static_cast<int64_t>(buf.size()), "l2_attention (cpu): workspace");
     T* p = buf.data() + used;
@@ -318,7 +323,7 @@ struct Workspace {
   }
 };
 
-// f(h, ws) for every head, in parallel; `rows` rows of ld per head, plus the column mask.
+// f(h, ws) for every head, in parallel; f takes at most `rows` rows of ld from ws per head.
 template <typename T, typename F>
 void for_each_head(int64_t bh, int64_t n, int64_t rows, const F& f) {
   at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
@@ -330,15 +335,35 @@ void for_each_head(int64_t bh, int64_t n, int64_t rows, const F& f) {
   });
 }
 
-// f(std::integral_constant<int, NR>, i0) over the rows: blocks of B rows, then of 4, then single rows.
-template <int B, typename F>
+// f(std::integral_constant<int, NR>, i0) over the rows: blocks of R rows, then of 4, then single rows.
+template <typename F>
 void for_each_row_block(int64_t n, const F& f) {
-  static_assert(B <= R && (B == 4 || B == R), "row blocks of R or 4");
   int64_t i0 = 0;
-  for (; i0 + B <= n; i0 += B) f(std::integral_constant<int, B>{}, i0);
+  for (; i0 + R <= n; i0 += R) f(std::integral_constant<int, R>{}, i0);
   for (; i0 + 4 <= n; i0 += 4) f(std::integral_constant<int, 4>{}, i0);
   for (; i0 < n; ++i0) f(std::integral_constant<int, 1>{}, i0);
 }
+
+// What both backward passes start from, taken from ws in this order: [Q^T; 1] (the row of ones
+// after Q^T is also the column mask; with it the query- and key-role products with dS return its
+// row and column sums as well), V^T, G^T, O^T, |q_j|^2, delta_j = g_j.o_j, and the softmax.
+template <typename T>
+struct BackwardPanels {
+  T *qt, *mask, *vt, *gt, *ot, *sq, *delta;
+  const T* lse2;
+  Softmax<T> sm;
+  BackwardPanels(Workspace<T>& ws, const Heads<T>& Q, const Heads<T>& V, const Heads<T>& G, const Heads<T>& O,
+                 const T* lse2_h, int64_t h, double scale)
+      : qt(ws.take(Q.dim)), mask(ws.column_mask()), vt(ws.take(V.dim)), gt(ws.take(V.dim)), ot(ws.take(V.dim)),
+        sq(ws.take(1)), delta(ws.take(1)), lse2(lse2_h), sm{static_cast<T>(scale * M_LOG2E), sq, mask, ws.n} {
+    load_panel(Q, h, ws.n, ws.ld, qt);
+    load_panel(V, h, ws.n, ws.ld, vt);
+    load_panel(G, h, ws.n, ws.ld, gt);
+    load_panel(O, h, ws.n, ws.ld, ot);
+    column_dots(qt, qt, Q.dim, ws.ld, sq);
+    column_dots(gt, ot, V.dim, ws.ld, delta);
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> l2_attention_fwd(const at::Tensor& q, const at::Tensor& v, double scale) {
   check_q(q);
@@ -349,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor> l2_attention_fwd(const at::Tensor& q, const a
     using T = scalar_t;
     const Heads<T> Q(q), V(v), O(o);
     const T a = static_cast<T>(scale * M_LOG2E);
-    for_each_head<T>(bh, n, d + e + 1 + R, [&](int64_t h, Workspace<T>& ws) {
+    for_each_head<T>(bh, n, d + e + 2 + R, [&](int64_t h, Workspace<T>& ws) {
       const int64_t ld = ws.ld;
       T *mask = ws.column_mask(), *qt = ws.take(d), *vt = ws.take(e), *sq = ws.take(1), *p = ws.take(R);
       T* lse_h = lse.data_ptr<T>() + h * n;
@@ -358,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> l2_attention_fwd(const at::Tensor& q, const a
       column_dots(qt, qt, d, ld, sq);
       const Softmax<T> sm{a, sq, mask, n};
       std::vector<T> o_rows(R * e);
-      for_each_row_block<R>(n, [&](auto nr, int64_t i0) {
+      for_each_row_block(n, [&](auto nr, int64_t i0) {
         constexpr int NR = decltype(nr)::value;
         Tile<T> z;  // row sums of exp(t_ij)
         zero<NR>(z);
@@ -399,24 +424,15 @@ std::tuple<at::Tensor, at::Tensor> l2_attention_bwd(const at::Tensor& q, const a
     const T c = static_cast<T>(scale);
     for_each_head<T>(bh, n, 2 * d + 4 * e + 4 + R, [&](int64_t h, Workspace<T>& ws) {
       const int64_t ld = ws.ld;
-      // [Q^T; 1]: the row of ones after Q^T (also the column mask) turns the query- and key-role
-      // products with dS into its row and column sums as well, accumulated in dqt's last row.
-      T *qt = ws.take(d), *mask = ws.column_mask(), *vt = ws.take(e), *gt = ws.take(e), *ot = ws.take(e);
-      T *ds_rows = ws.take(R), *sq = ws.take(1), *delta = ws.take(1), *dvt = ws.zeros(e), *dqt = ws.zeros(d + 1);
-      const T* lse_h = lse.data_ptr<T>() + h * n;
-      load_panel(Q, h, n, ld, qt);
-      load_panel(V, h, n, ld, vt);
-      load_panel(G, h, n, ld, gt);
-      load_panel(O, h, n, ld, ot);
-      column_dots(qt, qt, d, ld, sq);
-      const Softmax<T> sm{static_cast<T>(scale * M_LOG2E), sq, mask, n};
-      column_dots(gt, ot, e, ld, delta);  // delta_i = g_i.o_i
-      for_each_row_block<R>(n, [&](auto nr, int64_t i0) {
+      const BackwardPanels<T> in(ws, Q, V, G, O, lse.data_ptr<T>() + h * n, h, scale);
+      const T *qt = in.qt, *vt = in.vt, *gt = in.gt, *delta = in.delta, *lse_h = in.lse2;
+      T *ds_rows = ws.take(R), *dvt = ws.zeros(e), *dqt = ws.zeros(d + 1);  // dqt's last row: r + k
+      for_each_row_block(n, [&](auto nr, int64_t i0) {
         constexpr int NR = decltype(nr)::value;
         for (int64_t j0 = 0; j0 < ld; j0 += kLanes<T>) {
           Tile<T> p, ds;
           tile_product<NR>(qt, qt, d, ld, i0, j0, p);
-          softmax_tile<NR>(p, sm, lse_h + i0, i0, j0);
+          softmax_tile<NR>(p, in.sm, lse_h + i0, i0, j0);
           tile_product<NR>(gt, vt, e, ld, i0, j0, ds);  // dP
           for (int r = 0; r < NR; ++r) ds[r] = p[r] * (ds[r] - delta[i0 + r]);
           store_tile<NR>(ds, ds_rows, ld, j0);
@@ -453,32 +469,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> l2_attention_bwd2(const at::Tenso
     const T c = static_cast<T>(scale);
     for_each_head<T>(bh, n, 4 * d + 5 * e + 7 + 4 * R, [&](int64_t h, Workspace<T>& ws) {
       const int64_t ld = ws.ld;
-      // [Q^T; 1] and [U^T; 1], as in the first-order pass: the last rows of gqt and gut collect
-      // r' + k' (of dS') and r + k (of dS).
-      T *qt = ws.take(d), *mask = ws.column_mask(), *ut = ws.take(d);
-      ws.column_mask();  // the ones after U^T
-      T *vt = ws.take(e), *wt = ws.take(e), *gt = ws.take(e), *ot = ws.take(e), *p_rows = ws.take(R), *pd_rows = ws.take(R);
-      T *ds_rows = ws.take(R), *dsd_rows = ws.take(R), *sq = ws.take(1), *qu = ws.take(1), *delta = ws.take(1);
-      T *gvt = ws.zeros(e), *gqt = ws.zeros(d + 1), *gut = ws.zeros(d + 1);
-      const T* lse_h = lse.data_ptr<T>() + h * n;
-      load_panel(Q, h, n, ld, qt);
+      const BackwardPanels<T> in(ws, Q, V, G, O, lse.data_ptr<T>() + h * n, h, scale);
+      const T *qt = in.qt, *vt = in.vt, *gt = in.gt, *delta = in.delta, *lse_h = in.lse2;
+      T* ut = ws.take(d);  // [U^T; 1], as [Q^T; 1]: gqt's and gut's last rows collect r' + k' and r + k
+      ws.column_mask();
+      T *wt = ws.take(e), *qu = ws.take(1), *p_rows = ws.take(R), *pd_rows = ws.take(R), *ds_rows = ws.take(R);
+      T *dsd_rows = ws.take(R), *gvt = ws.zeros(e), *gqt = ws.zeros(d + 1), *gut = ws.zeros(d + 1);
       load_panel(U, h, n, ld, ut);
-      load_panel(V, h, n, ld, vt);
       load_panel(W, h, n, ld, wt);
-      load_panel(G, h, n, ld, gt);
-      load_panel(O, h, n, ld, ot);
-      column_dots(qt, qt, d, ld, sq);
-      const Softmax<T> sm{static_cast<T>(scale * M_LOG2E), sq, mask, n};
       column_dots(qt, ut, d, ld, qu);
-      column_dots(gt, ot, e, ld, delta);
       std::vector<T> od_rows(R * e);
-      for_each_row_block<R>(n, [&](auto nr, int64_t i0) {
+      for_each_row_block(n, [&](auto nr, int64_t i0) {
         constexpr int NR = decltype(nr)::value;
         // P and t'_ij = -2c (q_i.u_i - q_i.u_j - u_i.q_j + q_j.u_j)
         for (int64_t j0 = 0; j0 < ld; j0 += kLanes<T>) {
           Tile<T> p, tq, tu;
           tile_product<NR>(qt, qt, d, ld, i0, j0, p);
-          softmax_tile<NR>(p, sm, lse_h + i0, i0, j0);
+          softmax_tile<NR>(p, in.sm, lse_h + i0, i0, j0);
           tile_product<NR>(qt, ut, d, ld, i0, j0, tq);  // q_i.u_j
           tile_product<NR>(ut, qt, d, ld, i0, j0, tu);  // u_i.q_j
           const Vec<T> quj = load(qu + j0);

@@ -123,6 +123,15 @@ def test_bad_input():
         torch.ops.acf.l2_attention_bwd2(x, x, o, lse, x, x[..., :3], x, 0.5)
 
 
+@needs_ext
+def test_nan_propagates():
+    """A NaN query poisons its softmax column, hence every row: NaN out, as in the reference."""
+    q, v = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
+    q[0, 1, 3, 2] = float("nan")
+    out, ref = cpu_fn(q, v, 0.5), l2_attention_reference(q, v, 0.5)
+    assert torch.equal(out.isnan(), ref.isnan()) and out[0, 1].isnan().all() and not out[0, 0].isnan().any()
+
+
 LAYOUTS = {  # (B, H, N, d) views of the same values with different strides
     "row-major": lambda t: t.contiguous(),
     "column-major": lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2),  # what the layer passes
