@@ -114,15 +114,14 @@ def test_triton_strided_inputs_and_expanded_grad():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@needs_kernels
-def test_layer_column_major_heads_on_triton():
+def layer_layout_check(device: str) -> None:
     """The attention layer hands the kernels column-major heads (transposed views of (d, N) blocks):
     output, input gradient and a second derivative match the reference backend."""
     torch.manual_seed(0)
-    layer = L2MultiheadAttention(8, heads=2).double().to(DEV)
+    layer = L2MultiheadAttention(8, heads=2).double().to(device)
     with torch.no_grad():
         layer.gamma.fill_(0.5)
-    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, device=DEV, requires_grad=True)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
     got = {}
     for backend in ("triton", "reference"):
         set_attention_backend(layer, backend)
@@ -132,6 +131,11 @@ def test_layer_column_major_heads_on_triton():
         got[backend] = (y, gx, hx)
     for a, b in zip(got["triton"], got["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@needs_kernels
+def test_layer_column_major_heads_on_triton():
+    layer_layout_check(DEV)
 
 
 @needs_kernels
@@ -285,6 +289,11 @@ def test_gpu_tf32(monkeypatch):
     """TF32 kernel against the TF32 PyTorch reference (both with TF32 matmuls)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     compare_all(2, 2, 1000, 32, 32, torch.float32, triton_fn("tf32"))
+
+
+@pytest.mark.gpu
+def test_gpu_layer_column_major_heads():
+    layer_layout_check("cuda")
 
 
 @pytest.mark.gpu
