@@ -132,6 +132,15 @@ def test_nan_propagates():
     assert torch.equal(out.isnan(), ref.isnan()) and out[0, 1].isnan().all() and not out[0, 0].isnan().any()
 
 
+@needs_ext
+def test_forward_saves_no_n_by_n_matrix():
+    """The forward keeps (q, v, O, lse): O(B H N (d + e)) memory; the backward recomputes P."""
+    b, h, n, d = 2, 3, 200, 8
+    q, v = torch.randn(b, h, n, d, requires_grad=True), torch.randn(b, h, n, d, requires_grad=True)
+    saved = cpu_fn(q, v, 0.3).grad_fn.saved_tensors
+    assert sum(t.numel() for t in saved) == b * h * n * (3 * d + 1)
+
+
 LAYOUTS = {  # (B, H, N, d) views of the same values with different strides
     "row-major": lambda t: t.contiguous(),
     "column-major": lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2),  # what the layer passes
