@@ -356,9 +356,19 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
 def machine_info() -> dict:
     """Where a result was measured: platform, CPUs, torch, date."""
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.cuda.is_available(), "git_commit": _git_commit(),
             "date": datetime.datetime.now().isoformat(timespec="seconds")}

@@ -273,6 +273,14 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
     return "reference"
 
 
+def auto_backend_summary(device: torch.device) -> str:
+    """What ``backend="auto"`` runs on ``device`` for float32, in words (``acf info``), read off
+    ``_auto_backend`` itself at a small head dim and just above the CPU kernels' limit."""
+    small, large = (_auto_backend(t, t) for t in (torch.empty(1, 1, 1, d, device=device)
+                                                  for d in (1, _CPU_FUSED_MAX_HEAD_DIM + 1)))
+    return small if small == large else f"{small} (head dim <= {_CPU_FUSED_MAX_HEAD_DIM}; {large} above)"
+
+
 def _select_backend(q: torch.Tensor, backend: str, v: Optional[torch.Tensor] = None) -> Backend:
     if backend == "auto":
         return _BACKENDS[_auto_backend(q, q if v is None else v)]

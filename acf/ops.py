@@ -495,23 +495,14 @@ def backend_info() -> dict:
         triton_version = None
     info["triton"] = {"available": triton_ok, "version": triton_version}
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .functional import auto_backend_summary
+
     info["backends"] = {
         "spectral_norms": "extension" if _ext_supports(dev, torch.float32, False)[0] else "reference",
         "fixed_point_solve": "extension" if _ext_supports(dev, torch.float32, True)[0] else "reference",
-        "l2_attention": _l2_attention_auto(dev, triton_ok),
+        "l2_attention": auto_backend_summary(dev),
     }
     return info
-
-
-def _l2_attention_auto(dev: torch.device, triton_ok: bool) -> str:
-    """What ``l2_attention(backend="auto")`` runs on ``dev`` (fp32), in words."""
-    from .functional import _CPU_FUSED_MAX_HEAD_DIM, cpu_kernels_available
-
-    if dev.type == "cuda":
-        return "triton" if triton_ok else "reference"
-    if cpu_kernels_available():
-        return f"cpu (head dim <= {_CPU_FUSED_MAX_HEAD_DIM}; reference above)"
-    return "reference"
 
 
 def format_backend_info(info: Optional[dict] = None) -> str:

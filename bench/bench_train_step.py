@@ -89,16 +89,13 @@ def main(rounds: int = 5, repeats: int = 1) -> list[dict[str, float]]:
 
 def write_markdown(path: str, results: list[dict[str, float]], rounds: int) -> None:
     """The repeats as a markdown table, with the machine and versions."""
-    import datetime
-    import os
-    import platform
+    from acf.experiments import machine_info
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    m = machine_info()
     names = list(results[0])
-    lines = [f"# Training step, CPU preset ({datetime.date.today()})", "",
-             f"`python bench/bench_train_step.py --rounds {rounds} --repeats {len(results)}`: {cpu}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}. Best of {rounds} interleaved "
+    lines = [f"# Training step, CPU preset ({m['date'][:10]})", "",
+             f"`python bench/bench_train_step.py --rounds {rounds} --repeats {len(results)}`: {m['cpu']}, "
+             f"{m['torch_threads']} threads, torch {m['torch']}. Best of {rounds} interleaved "
              "rounds per repeat; the ratio is to the step without attention in the same repeat.", "",
              "| repeat | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for i, res in enumerate(results, 1):
@@ -106,7 +103,6 @@ def write_markdown(path: str, results: list[dict[str, float]], rounds: int) -> N
         lines.append(f"| {i} | " + " | ".join(cells) + " |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-
 
 if __name__ == "__main__":
     import argparse

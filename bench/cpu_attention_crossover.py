@@ -11,25 +11,25 @@ weighted time and which backend ``auto`` picks (``acf.functional._auto_backend``
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import torch
 
+from acf.experiments import machine_info
 from acf.functional import _auto_backend, cpu_kernels_available, l2_attention
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ops_workloads import wall  # noqa: E402
 
 GRID = [(16, 4, 196, 8), (16, 4, 196, 16), (16, 4, 196, 32), (16, 4, 196, 64), (8, 4, 196, 128),
         (4, 4, 512, 32), (4, 4, 512, 64), (8, 4, 784, 16), (4, 4, 1024, 32), (4, 4, 1024, 64)]
 VJPS_PER_STEP = 6
 
 
-def best_ms(fn, runs: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+def best_ms(fn) -> float:
+    fn()  # warm-up
+    return wall(fn, repeat=5) * 1e3
 
 
 def measure(backend: str, q: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> dict[str, float]:
@@ -67,14 +67,15 @@ def main() -> None:
     args = parser.parse_args()
     if not cpu_kernels_available():
         raise SystemExit("acf._C's CPU attention kernels are not built: nothing to compare")
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    m = machine_info()
+    where = f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}"
+    print(where)
     text = table()
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"# L2 attention on CPU: fused kernels against the reference\n\n"
-                    f"`python bench/cpu_attention_crossover.py`, {torch.get_num_threads()} threads, "
-                    f"torch {torch.__version__}. A training-step mix is forward + {VJPS_PER_STEP} VJPs + "
-                    f"one double VJP; above 1x the fused kernels are faster.\n\n{text}\n")
+            f.write(f"# L2 attention on CPU: fused kernels against the reference ({m['date'][:10]})\n\n"
+                    f"`python bench/cpu_attention_crossover.py`: {where}. A training-step mix is forward + "
+                    f"{VJPS_PER_STEP} VJPs + one double VJP; above 1x the fused kernels are faster.\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -344,23 +344,32 @@ void for_each_row_block(int64_t n, const F& f) {
   for (; i0 < n; ++i0) f(std::integral_constant<int, 1>{}, i0);
 }
 
-// What both backward passes start from, taken from ws in this order: [Q^T; 1] (the row of ones
-// after Q^T is also the column mask; with it the query- and key-role products with dS return its
-// row and column sums as well), V^T, G^T, O^T, |q_j|^2, delta_j = g_j.o_j, and the softmax.
+// What every pass starts from, taken from ws in this order: [Q^T; 1] (the row of ones after Q^T is
+// also the column mask; in the backward passes it makes the query- and key-role products with dS
+// return its row and column sums as well), V^T, |q_j|^2 and the softmax.
 template <typename T>
-struct BackwardPanels {
-  T *qt, *mask, *vt, *gt, *ot, *sq, *delta;
-  const T* lse2;
+struct HeadPanels {
+  T *qt, *mask, *vt, *sq;
   Softmax<T> sm;
-  BackwardPanels(Workspace<T>& ws, const Heads<T>& Q, const Heads<T>& V, const Heads<T>& G, const Heads<T>& O,
-                 const T* lse2_h, int64_t h, double scale)
-      : qt(ws.take(Q.dim)), mask(ws.column_mask()), vt(ws.take(V.dim)), gt(ws.take(V.dim)), ot(ws.take(V.dim)),
-        sq(ws.take(1)), delta(ws.take(1)), lse2(lse2_h), sm{static_cast<T>(scale * M_LOG2E), sq, mask, ws.n} {
+  HeadPanels(Workspace<T>& ws, const Heads<T>& Q, const Heads<T>& V, int64_t h, double scale)
+      : qt(ws.take(Q.dim)), mask(ws.column_mask()), vt(ws.take(V.dim)), sq(ws.take(1)),
+        sm{static_cast<T>(scale * M_LOG2E), sq, mask, ws.n} {
     load_panel(Q, h, ws.n, ws.ld, qt);
     load_panel(V, h, ws.n, ws.ld, vt);
+    column_dots(qt, qt, Q.dim, ws.ld, sq);
+  }
+};
+
+// ... and what both backward passes add: G^T, O^T, delta_j = g_j.o_j and the head's lse2.
+template <typename T>
+struct BackwardPanels : HeadPanels<T> {
+  T *gt, *ot, *delta;
+  const T* lse2;
+  BackwardPanels(Workspace<T>& ws, const Heads<T>& Q, const Heads<T>& V, const Heads<T>& G, const Heads<T>& O,
+                 const T* lse2_h, int64_t h, double scale)
+      : HeadPanels<T>(ws, Q, V, h, scale), gt(ws.take(V.dim)), ot(ws.take(V.dim)), delta(ws.take(1)), lse2(lse2_h) {
     load_panel(G, h, ws.n, ws.ld, gt);
     load_panel(O, h, ws.n, ws.ld, ot);
-    column_dots(qt, qt, Q.dim, ws.ld, sq);
     column_dots(gt, ot, V.dim, ws.ld, delta);
   }
 };
@@ -373,15 +382,11 @@ std::tuple<at::Tensor, at::Tensor> l2_attention_fwd(const at::Tensor& q, const a
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "l2_attention_fwd", [&] {
     using T = scalar_t;
     const Heads<T> Q(q), V(v), O(o);
-    const T a = static_cast<T>(scale * M_LOG2E);
     for_each_head<T>(bh, n, d + e + 2 + R, [&](int64_t h, Workspace<T>& ws) {
       const int64_t ld = ws.ld;
-      T *mask = ws.column_mask(), *qt = ws.take(d), *vt = ws.take(e), *sq = ws.take(1), *p = ws.take(R);
-      T* lse_h = lse.data_ptr<T>() + h * n;
-      load_panel(Q, h, n, ld, qt);
-      load_panel(V, h, n, ld, vt);
-      column_dots(qt, qt, d, ld, sq);
-      const Softmax<T> sm{a, sq, mask, n};
+      const HeadPanels<T> in(ws, Q, V, h, scale);
+      const T *qt = in.qt, *vt = in.vt;
+      T *p = ws.take(R), *lse_h = lse.data_ptr<T>() + h * n;
       std::vector<T> o_rows(R * e);
       for_each_row_block(n, [&](auto nr, int64_t i0) {
         constexpr int NR = decltype(nr)::value;
@@ -390,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor> l2_attention_fwd(const at::Tensor& q, const a
         for (int64_t j0 = 0; j0 < ld; j0 += kLanes<T>) {
           Tile<T> s;
           tile_product<NR>(qt, qt, d, ld, i0, j0, s);
-          softmax_tile<NR>(s, sm, (const T*)nullptr, i0, j0);  // unnormalised: exp(t_ij)
+          softmax_tile<NR>(s, in.sm, (const T*)nullptr, i0, j0);  // unnormalised: exp(t_ij)
           store_tile<NR>(s, p, ld, j0);
           for (int r = 0; r < NR; ++r) z[r] += s[r];
         }

@@ -22,6 +22,14 @@ def cpu_fn(q, v, scale):
     return l2_attention(q, v, scale, backend="cpu")
 
 
+def assert_equals_reference(q, v, g, u, w, scale):
+    """float64: output, VJP and double VJP equal the reference's to rounding."""
+    got = first_and_second(cpu_fn, q, v, g, u, w, scale)
+    want = first_and_second(l2_attention_reference, q, v, g, u, w, scale)
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], atol=1e-12, rtol=1e-10, msg=key)
+
+
 SHAPES = [  # (B, H, N, d, e): odd and non-power-of-two N, several head dims, e != d
     (1, 1, 1, 4, 4),
     (2, 2, 17, 4, 4),
@@ -49,11 +57,7 @@ def test_saturated_softmax():
 @needs_ext
 @pytest.mark.parametrize("shape", [(1, 1, 1, 2, 2), (2, 3, 9, 3, 2), (1, 2, 33, 5, 7)], ids=str)
 def test_fp64_equals_reference(shape):
-    q, v, g, u, w = rand_inputs(*shape, torch.float64)
-    got = first_and_second(cpu_fn, q, v, g, u, w, 0.7)
-    want = first_and_second(l2_attention_reference, q, v, g, u, w, 0.7)
-    for key in got:
-        torch.testing.assert_close(got[key], want[key], atol=1e-12, rtol=1e-10, msg=key)
+    assert_equals_reference(*rand_inputs(*shape, torch.float64), 0.7)
 
 
 @needs_ext
@@ -154,10 +158,7 @@ LAYOUTS = {  # (B, H, N, d) views of the same values with different strides
 def test_any_strides(layout):
     """The kernels read and write heads of any strides (outputs take the layout of their input)."""
     q, v, g, u, w = (LAYOUTS[layout](t) for t in rand_inputs(2, 3, 13, 5, 6, torch.float64))
-    got = first_and_second(cpu_fn, q, v, g, u, w, 0.4)
-    want = first_and_second(l2_attention_reference, q, v, g, u, w, 0.4)
-    for key in got:
-        torch.testing.assert_close(got[key], want[key], atol=1e-12, rtol=1e-10, msg=key)
+    assert_equals_reference(q, v, g, u, w, 0.4)
     if layout == "column-major":  # the layer's layout is read and written in place, without copies
         assert cpu_fn(q, v, 0.4).stride() == v.stride()
 
