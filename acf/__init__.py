@@ -7,7 +7,7 @@ or LipschitzNorm dot-product attention), with certified Lipschitz bounds.
 from .attention import (DotProductAttention, L2MultiheadAttention, LipNormAttention, l2_mha_lipschitz_bound,
                         lipnorm_lipschitz_bound, make_attention)
 from .activations import CLipSwish, ELU, LipSwish
-from .block import ContractiveBlock, LipschitzChain
+from .block import CertificateError, ContractiveBlock, LipschitzChain, certified_bounds
 from .branches import idensenet_branch, iresnet_branch, resflow_branch
 from .fixed_point import ConvergenceError, FixedPointInfo
 from .flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob,
@@ -16,19 +16,19 @@ from .functional import l2_attention
 from .data import DATASETS, load_dataset
 from .logdet import LogdetEstimator, exact_logdet, logdet_estimate
 from .models import ACFModel, ModelConfig, build_model
-from .ops import fixed_point_solve, refresh_spectral_norms, spectral_norms
-from .spectral_norm import SpectralConv2d, SpectralLinear, power_iteration, spectral_norm
+from .ops import fixed_point_solve, power_iteration, spectral_norms
+from .spectral_norm import SpectralConv2d, SpectralLinear, norm_bounds, refresh_spectral_norms, spectral_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACFModel", "DATASETS", "ModelConfig", "build_model", "load_dataset",
+    "ACFModel", "CertificateError", "DATASETS", "ModelConfig", "build_model", "load_dataset",
     "ActNorm", "CLipSwish", "ContractiveBlock", "ConvergenceError", "DotProductAttention", "ELU",
     "FixedPointInfo", "L2MultiheadAttention", "LipNormAttention", "LipSwish", "LipschitzChain",
     "LogdetEstimator", "LogitTransform", "SequentialFlow", "SpectralConv2d", "SpectralLinear", "Squeeze",
-    "bits_per_dim", "exact_logdet", "fixed_point_solve", "idensenet_branch", "iresnet_branch",
+    "bits_per_dim", "certified_bounds", "exact_logdet", "fixed_point_solve", "idensenet_branch", "iresnet_branch",
     "l2_attention", "l2_mha_lipschitz_bound", "lipnorm_lipschitz_bound", "logdet_estimate",
-    "make_attention", "power_iteration", "refresh_spectral_norms", "resflow_branch", "spectral_norm",
+    "make_attention", "norm_bounds", "power_iteration", "refresh_spectral_norms", "resflow_branch", "spectral_norm",
     "spectral_norms", "standard_normal_logprob",
     "uniform_dequantize",
 ]

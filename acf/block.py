@@ -12,7 +12,7 @@ from ._checks import check_finite, check_tensor
 from .fixed_point import FixedPointInfo
 from .logdet import LogdetEstimator, logdet_estimate
 from .ops import fixed_point_solve
-from .spectral_norm import frozen_power_iteration
+from .spectral_norm import refresh_spectral_norms
 
 
 def _require_bound(module: nn.Module) -> None:
@@ -24,6 +24,23 @@ def lipschitz_bound(module: nn.Module) -> float:
     """Certified Lipschitz bound of a layer (``module.lipschitz_bound()``), as a float."""
     _require_bound(module)
     return float(module.lipschitz_bound())
+
+
+class CertificateError(RuntimeError):
+    """A residual branch's certified Lipschitz bound reached 1: its block is no longer guaranteed
+    invertible, and its log-det series may diverge."""
+
+
+def certified_bounds(model: nn.Module) -> dict[str, float]:
+    """``lipschitz_bound()`` of every ``ContractiveBlock`` in ``model``, by module name; raises
+    ``CertificateError`` naming the first block whose bound is not below 1."""
+    bounds = {name or type(model).__name__: m.lipschitz_bound() for name, m in model.named_modules()
+              if isinstance(m, ContractiveBlock)}
+    for name, bound in bounds.items():
+        if not bound < 1.0:
+            raise CertificateError(f"residual block {name!r} has certified Lip(g) = {bound:.6f} >= 1: it is no "
+                                   f"longer guaranteed invertible")
+    return bounds
 
 
 class LipschitzChain(nn.Sequential):
@@ -73,6 +90,7 @@ class ContractiveBlock(nn.Module):
         """Returns ``(x + g(x), log det(I + J_g(x)))``, the log-det per sample."""
         check_tensor(x, "x")
         check_finite(x, "x")
+        refresh_spectral_norms(self.g, stale_only=True)  # one batched call for the branch's layers
         est = self.estimator if self.training else self.estimator.evaluation()
         gx, logdet = logdet_estimate(self.g, x, est, training=self.training)
         return x + gx, logdet
@@ -81,9 +99,9 @@ class ContractiveBlock(nn.Module):
                 on_fail: Optional[str] = None, method: Optional[str] = None, return_info: bool = False
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, FixedPointInfo]]:
         """Solve ``x + g(x) = y`` per sample (eq. 4-5); non-convergence is warned about or raised."""
-        with frozen_power_iteration():
-            x, info = fixed_point_solve(self.g, y, tol=self.tol if tol is None else tol,
-                                        max_iter=self.max_iter if max_iter is None else max_iter,
-                                        method=self.method if method is None else method, memory=self.memory,
-                                        on_fail=self.on_fail if on_fail is None else on_fail)
+        refresh_spectral_norms(self.g, stale_only=True)  # then every iteration applies the same g
+        x, info = fixed_point_solve(self.g, y, tol=self.tol if tol is None else tol,
+                                    max_iter=self.max_iter if max_iter is None else max_iter,
+                                    method=self.method if method is None else method, memory=self.memory,
+                                    on_fail=self.on_fail if on_fail is None else on_fail)
         return (x, info) if return_info else x

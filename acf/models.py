@@ -21,6 +21,7 @@ from .block import ContractiveBlock
 from .branches import BRANCHES, resflow_branch
 from .flow import ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob
 from .logdet import LogdetEstimator
+from .spectral_norm import refresh_spectral_norms
 
 ATTENTION_CHOICES = (None, "l2", "lipnorm", "dot")
 
@@ -140,6 +141,7 @@ class ACFModel(nn.Module):
         check_image(x, self.cfg.input_shape[0])
         if tuple(x.shape[1:]) != self.cfg.input_shape:
             raise ValueError(f"input has shape {tuple(x.shape[1:])}; this model was built for {self.cfg.input_shape}")
+        refresh_spectral_norms(self, stale_only=True)  # every layer whose weight changed, one batched call
         x, logdet = self.pre(x)
         zs = []
         for i, stage in enumerate(self.stages):

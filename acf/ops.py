@@ -2,7 +2,8 @@
 
 * ``spectral_norms``: batched power iteration over many weights at once (dense matrices and
   kxk convolution operators), warm-started from persistent ``u``/``v`` that are updated in place;
-  ``refresh_spectral_norms(model)`` advances every spectrally normalised layer of a model in one call.
+  its reference is ``power_iteration``. (``acf.spectral_norm.refresh_spectral_norms`` runs it for
+  every spectrally normalised layer of a model in one call.)
 * ``fixed_point_solve``: ``x + g(x) = y`` per sample by Banach or Anderson iteration; the update,
   the per-sample residual and the convergence mask are one fused kernel, and the host learns
   about convergence without a synchronisation per iteration (CUDA: event-polled pinned copies).
@@ -25,9 +26,8 @@ from . import _ext
 from ._checks import check_finite, check_tensor
 from .fixed_point import FixedPointInfo, _threshold, report_nonconvergence
 from .fixed_point import fixed_point_solve as _reference_banach
-from .spectral_norm import _SpectralNormalized, power_iteration
 
-__all__ = ["spectral_norms", "refresh_spectral_norms", "fixed_point_solve", "backend_info", "format_backend_info"]
+__all__ = ["spectral_norms", "power_iteration", "fixed_point_solve", "backend_info", "format_backend_info"]
 
 _EXT_DTYPES = (torch.float32, torch.float64)
 _BACKENDS = ("auto", "extension", "reference")
@@ -66,6 +66,51 @@ def _use_extension(backend: str, device: torch.device, dtype: torch.dtype, needs
 # ---------------------------------------------------------------------------------------------
 # Spectral norms
 # ---------------------------------------------------------------------------------------------
+
+LinearOp = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    return x / x.norm().clamp_min(eps)
+
+
+@torch.no_grad()
+def power_iteration(
+    op: LinearOp,
+    op_t: LinearOp,
+    v: torch.Tensor,
+    n_iter: Optional[int] = None,
+    tol: Optional[float] = None,
+    max_iter: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Power iteration on ``op^T op`` from the unit vector ``v``.
+
+    Runs ``n_iter`` steps, or (``tol`` given) until the relative change of the estimate
+    ``sigma = ||op(v)||`` is below ``tol`` (at most ``max_iter`` steps; the first step is compared
+    with the starting vector's ``||op(v)||``, so a warm start that is still good stops after one).
+    Returns ``(sigma, u, v, steps)`` with ``u = op(v) / sigma``; ``sigma <= ||op||_2`` always.
+    """
+    if n_iter is None and tol is None:
+        raise ValueError("power_iteration needs n_iter or tol")
+    if n_iter is not None and n_iter < 0:
+        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    steps = n_iter if n_iter is not None else max_iter
+    v = _normalize(v)
+    w = op(v)
+    sigma_prev = w.norm()  # the warm start's estimate: the first step is compared with it
+    u = _normalize(w)
+    done = 0
+    for done in range(1, steps + 1):
+        v = _normalize(op_t(u))
+        w = op(v)
+        sigma = w.norm()
+        u = _normalize(w)
+        if tol is not None and abs(float(sigma - sigma_prev)) <= tol * float(sigma):
+            break
+        sigma_prev = sigma
+    sigma = (u * op(v)).sum()
+    return sigma, u, v, done
+
 
 def _conv_ops(w: torch.Tensor):
     pad = w.shape[-1] // 2
@@ -115,7 +160,7 @@ def spectral_norms(
             the result does not depend on it.
         return_steps: also return the number of steps taken per operator.
         backend: ``"auto"``, ``"extension"`` or ``"reference"`` (a Python loop over
-            ``acf.spectral_norm.power_iteration``, one operator after the other).
+            ``power_iteration``, one operator after the other).
         strategy: extension only: ``"batched"`` (operators of one shape stacked: one bmm or one
             grouped convolution per step and shape; the default on CUDA), ``"per_operator"`` (the
             reference's steps in C++; the default on CPU, where launches cost nothing and stacking
@@ -225,34 +270,6 @@ def spectral_norms(
         sigmas = torch.stack(sig)
         steps = torch.tensor(st, dtype=torch.long, device=w0.device)
     return (sigmas, steps) if return_steps else sigmas
-
-
-@torch.no_grad()
-def refresh_spectral_norms(model: torch.nn.Module, n_iter: Optional[int] = None, tol: Optional[float] = None,
-                           backend: str = "auto") -> torch.Tensor:
-    """Advance the power iteration of every spectrally normalised layer of ``model`` in one batched call.
-
-    Equivalent to ``layer.refresh(n_iter, tol)`` on each ``SpectralConv2d`` / ``SpectralLinear``
-    (with neither given: each layer's own ``n_iter``), their ``u``/``v`` buffers updated in place.
-    Returns the new estimates ``u^T W v``, in ``model.modules()`` order.
-    """
-    layers = [m for m in model.modules() if isinstance(m, _SpectralNormalized)]
-    if not layers:
-        return torch.empty(0)
-    # Layers with different settings (or devices/dtypes) go in separate batched calls.
-    groups: dict = collections.OrderedDict()
-    for idx, m in enumerate(layers):
-        k_iter, k_tol = (m.n_iter, None) if (n_iter is None and tol is None) else (n_iter, tol)
-        key = (k_iter, k_tol, m.max_iter, m.weight.device, m.weight.dtype)
-        groups.setdefault(key, []).append(idx)
-    out: list[Optional[torch.Tensor]] = [None] * len(layers)
-    for (k_iter, k_tol, k_max, _, _), idxs in groups.items():
-        sig = spectral_norms([layers[i].weight for i in idxs], n_iter=k_iter, tol=k_tol,
-                             us=[layers[i].u for i in idxs], vs=[layers[i].v for i in idxs],
-                             max_iter=k_max, backend=backend)
-        for j, i in enumerate(idxs):
-            out[i] = sig[j]
-    return torch.stack([o.to(out[0].device, out[0].dtype) for o in out])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
+from .block import CertificateError, certified_bounds
 from .data import DATASETS, epoch_seed, load_dataset, to_float
 from .flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from .logdet import LogdetEstimator
@@ -194,11 +195,14 @@ class Trainer:
 
     @torch.no_grad()
     def certified_lipschitz(self) -> float:
-        """Largest certified ``Lip(g)`` of the evaluated model (EMA, eval mode), for the map it applies:
-        after ``evaluate``, its power iterations have converged for the current weights. (The training
-        model's ``lipschitz_bounds()`` right after an optimizer step pairs the new weights with the
-        previous step's estimate and overstates the bound of any map actually applied.)"""
-        return max(self.evaluated_model().lipschitz_bounds())
+        """Largest certified ``Lip(g)`` of the evaluated model (EMA, eval mode): the exact (Lanczos)
+        norms of the maps it applies. Raises ``CertificateError`` naming the block if one reaches 1
+        (the run then stops, its last checkpoint intact)."""
+        try:
+            return max(certified_bounds(self.evaluated_model()).values())
+        except CertificateError as exc:
+            raise CertificateError(f"{exc} at step {self.step}; the last checkpoint in {self.run_dir} is "
+                                   f"unchanged") from None
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:

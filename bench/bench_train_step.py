@@ -1,7 +1,8 @@
-"""pytest-benchmark of one training step with and without L2 attention (issue 4, CPU item).
+"""pytest-benchmark of one training step with and without L2 attention.
 
     python -m pytest bench/bench_train_step.py --benchmark-only -s   # table + ratio summary
     python bench/bench_train_step.py [--rounds 9 --repeats 3 --out bench/results/DATE-cpu-train-step.md]
+    python bench/bench_train_step.py --legacy-sn   # also the uncertified one-step spectral normalisation
 
 The workload is the default ``acf train`` step: Residual Flow, CPU preset, MNIST-5k, batch 64,
 Russian-roulette log-det with the Neumann gradient (so each step runs the attention forward, about
@@ -9,36 +10,60 @@ six VJPs and one double VJP per attention layer). Variants, side by side in one 
 ``none`` (no attention), ``l2-cpu`` (L2 attention on ``acf._C``'s CPU kernels: what ``auto`` picks)
 and ``l2-reference`` (L2 attention on the materialising PyTorch reference). Every timed step
 re-seeds the global generator, so all variants draw the same number of log-det terms.
+
+``--legacy-sn`` adds ``none+legacy-sn`` and ``l2-cpu+legacy-sn``: the same steps under the spectral
+normalisation this project used before it certified every forward (Residual Flows' convention: one
+warm-started power-iteration step per training forward, scale from ``u^T W v``, a lower bound), so
+that the cost of the certificate is measured side by side.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from unittest import mock
 
 import pytest
 import torch
 
 from acf.attention import set_attention_backend
 from acf.functional import cpu_kernels_available
+from acf.ops import spectral_norms
+from acf.spectral_norm import _SpectralNormalized
 from acf.train import TrainConfig, Trainer
 
 VARIANTS = {"none": (None, None), "l2-cpu": ("l2", "cpu"), "l2-reference": ("l2", "reference")}
 RESULTS: dict[str, float] = {}
 
 
+def _legacy_sigma(layer: _SpectralNormalized) -> torch.Tensor:
+    if layer.training:
+        spectral_norms([layer.weight.detach()], n_iter=1, us=[layer.u], vs=[layer.v])
+    return (layer.u.clone() * layer._op(layer.v.clone())).sum()
+
+
+@contextlib.contextmanager
+def legacy_spectral_norm():
+    """One power-iteration step per training forward and ``sigma = u^T W v`` (no certified bound)."""
+    with mock.patch.object(_SpectralNormalized, "sigma", _legacy_sigma), \
+            mock.patch("acf.block.refresh_spectral_norms"), mock.patch("acf.models.refresh_spectral_norms"):
+        yield
+
+
 def make_trainer(variant: str) -> Trainer:
-    attention, backend = VARIANTS[variant]
+    attention, backend = VARIANTS[variant.removesuffix("+legacy-sn")]
     trainer = Trainer(TrainConfig(attention=attention, steps=1000), tempfile.mkdtemp(prefix="acf-bench-"))
     if backend is not None:
         set_attention_backend(trainer.model, backend)
     return trainer
 
 
-def timed_step(trainer: Trainer, seed: int) -> float:
+def timed_step(trainer: Trainer, seed: int, legacy: bool = False) -> float:
     torch.manual_seed(seed)
-    start = time.perf_counter()
-    trainer.train_step()
-    return time.perf_counter() - start
+    with legacy_spectral_norm() if legacy else contextlib.nullcontext():
+        start = time.perf_counter()
+        trainer.train_step()
+        return time.perf_counter() - start
 
 
 def summary_table(res: dict[str, float]) -> str:
@@ -46,7 +71,10 @@ def summary_table(res: dict[str, float]) -> str:
     base = res.get("none")
     for name, sec in res.items():
         ratio = f"  {sec / base:5.2f}x the step without attention" if base else ""
-        lines.append(f"  {name:13s} {sec * 1e3:8.1f} ms{ratio}")
+        lines.append(f"  {name:18s} {sec * 1e3:8.1f} ms{ratio}")
+    for name, sec in res.items():
+        if name + "+legacy-sn" in res:
+            lines.append(f"  certified spectral norms, {name}: {sec / res[name + '+legacy-sn']:.3f}x the legacy step")
     return "\n".join(lines)
 
 
@@ -69,19 +97,21 @@ def test_train_step(benchmark, variant):
     RESULTS[variant] = benchmark.stats.stats.min
 
 
-def main(rounds: int = 5, repeats: int = 1) -> list[dict[str, float]]:
+def main(rounds: int = 5, repeats: int = 1, legacy_sn: bool = False) -> list[dict[str, float]]:
     """Interleave the variants round by round (fairer on a shared machine), ``repeats`` times;
     print each summary and return the best-of-rounds seconds per variant of each repeat."""
     names = [v for v in VARIANTS if v != "l2-cpu" or cpu_kernels_available()]
+    if legacy_sn:
+        names += [v + "+legacy-sn" for v in names if v != "l2-reference"]
     trainers = {v: make_trainer(v) for v in names}
-    for trainer in trainers.values():
-        trainer.train_step()  # warm-up
+    for v, trainer in trainers.items():
+        timed_step(trainer, 0, v.endswith("+legacy-sn"))  # warm-up
     out = []
     for _ in range(repeats):
         times: dict[str, list[float]] = {v: [] for v in names}
         for r in range(rounds):
             for v in names:
-                times[v].append(timed_step(trainers[v], r))
+                times[v].append(timed_step(trainers[v], r, v.endswith("+legacy-sn")))
         out.append({v: min(ts) for v, ts in times.items()})
         print(summary_table(out[-1]))
     return out
@@ -111,7 +141,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", help="also write the repeats as a markdown table to this file")
+    parser.add_argument("--legacy-sn", action="store_true",
+                        help="also time the uncertified one-step spectral normalisation (the cost of the certificate)")
     args = parser.parse_args()
-    found = main(args.rounds, args.repeats)
+    found = main(args.rounds, args.repeats, args.legacy_sn)
     if args.out:
         write_markdown(args.out, found, args.rounds)

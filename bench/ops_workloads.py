@@ -15,7 +15,7 @@ import torch
 from acf import ops
 from acf.block import ContractiveBlock
 from acf.branches import resflow_branch
-from acf.spectral_norm import frozen_power_iteration
+from acf.spectral_norm import refresh_spectral_norms
 
 
 def resflow_stack(blocks: int = 4, hidden: int = 512, device: str = "cpu") -> torch.nn.Module:
@@ -34,7 +34,7 @@ def python_refresh(model: torch.nn.Module, n_iter: int = 1) -> None:
 
 
 def extension_refresh(model: torch.nn.Module, n_iter: int = 1) -> None:
-    ops.refresh_spectral_norms(model, n_iter=n_iter, backend="extension")
+    refresh_spectral_norms(model, n_iter=n_iter, backend="extension")
 
 
 def trained_like_blocks(n_blocks: int = 4, channels: int = 12, hw=(16, 16), hidden: int = 128, batch: int = 16,
@@ -49,7 +49,7 @@ def trained_like_blocks(n_blocks: int = 4, channels: int = 12, hw=(16, 16), hidd
             for p in g.parameters():
                 p.mul_(4.0)
         g = g.to(device)
-        ops.refresh_spectral_norms(g, tol=1e-4)
+        refresh_spectral_norms(g, tol=1e-4)
         blocks.append(ContractiveBlock(g).eval())
     x = torch.randn(batch, channels, *hw, device=device)
     with torch.no_grad():
@@ -63,16 +63,15 @@ def trained_like_blocks(n_blocks: int = 4, channels: int = 12, hw=(16, 16), hidd
 def invert_stack(blocks, y, method: str, tol: float = 1e-6, memory: int = 5, backend: str = "auto"):
     """Invert the stack block by block; returns (x, total g evaluations, max residual)."""
     evals, worst = 0, 0.0
-    with frozen_power_iteration():
-        for b in reversed(blocks):
-            if method == "reference":
-                from acf.fixed_point import fixed_point_solve
-                y, info = fixed_point_solve(b.g, y, tol=tol, max_iter=2000)
-            else:
-                y, info = ops.fixed_point_solve(b.g, y, tol=tol, max_iter=2000, method=method, memory=memory,
-                                                backend=backend)
-            evals += info.g_evals
-            worst = max(worst, float(info.residual.max()))
+    for b in reversed(blocks):
+        if method == "reference":
+            from acf.fixed_point import fixed_point_solve
+            y, info = fixed_point_solve(b.g, y, tol=tol, max_iter=2000)
+        else:
+            y, info = ops.fixed_point_solve(b.g, y, tol=tol, max_iter=2000, method=method, memory=memory,
+                                            backend=backend)
+        evals += info.g_evals
+        worst = max(worst, float(info.residual.max()))
     return y, evals, worst
 
 
@@ -116,7 +115,7 @@ def dense_contractive_blocks(n_blocks: int = 4, features: int = 768, batch: int 
             lin = SpectralLinear(features, features, coeff=lip ** 0.5, bias=False)
             with torch.no_grad():
                 lin.weight.copy_(((q * ev) @ q.t()).float())
-            ops.refresh_spectral_norms(lin, tol=1e-6)
+            refresh_spectral_norms(lin, tol=1e-6)
             layers.append(lin)
         g = LipschitzChain(layers[0], _Tanh(), layers[1]).to(device)
         blocks.append(ContractiveBlock(g).eval())

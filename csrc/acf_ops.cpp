@@ -131,8 +131,9 @@ std::pair<at::Tensor, int64_t> power_iteration_one(const at::Tensor& w, const at
   auto normalize = [](const at::Tensor& a) { return a / at::linalg_vector_norm(a).clamp_min(1e-12); };
   const bool tol_mode = tol > 0;
   at::Tensor v = normalize(conv ? v_buf : v_buf.reshape({-1}));
-  at::Tensor u = normalize(op(v));
-  at::Tensor sigma, sigma_prev;
+  const at::Tensor wv0 = op(v);
+  at::Tensor sigma, sigma_prev = at::linalg_vector_norm(wv0);  // the warm start's estimate
+  at::Tensor u = wv0 / sigma_prev.clamp_min(1e-12);
   const int64_t steps = tol_mode ? max_iter : n_iter;
   int64_t done = 0;
   for (int64_t it = 1; it <= steps; ++it) {
@@ -156,7 +157,8 @@ std::pair<at::Tensor, int64_t> power_iteration_one(const at::Tensor& w, const at
 // Strategy 0 (auto): CPU per operator (above), other devices batched; 1 / 2 force either.
 // Batched: power iteration on op^T op for every operator at once, warm-started from (us, vs), which are
 // updated in place. Fixed mode (tol <= 0): n_iter steps. Tolerance mode: per operator, stop after
-// the step where |sigma - sigma_prev| <= tol * sigma (at most max_iter steps); converged operators
+// the step where |sigma - sigma_prev| <= tol * sigma, sigma_prev being the previous step's estimate or,
+// at the first step, the warm start's ||op(v)|| (at most max_iter steps); converged operators
 // are frozen on the device by a mask, and the host looks at the mask only every `check_every` steps.
 // Returns (sigma = u^T op(v) per operator, steps per operator). Mirrors acf.spectral_norm.power_iteration.
 std::tuple<at::Tensor, at::Tensor> power_iteration(at::TensorList weights, at::TensorList us, at::TensorList vs,
@@ -221,11 +223,12 @@ std::tuple<at::Tensor, at::Tensor> power_iteration(at::TensorList weights, at::T
       g.v = at::stack(vv, 0).reshape({g.size(), -1});
     }
     g.v = g.normalize(g.v);
-    g.u = g.normalize(g.op(g.v));
+    const at::Tensor wv0 = g.op(g.v);
+    g.u = g.normalize(wv0);
     g.steps = at::zeros({g.size()}, opts.dtype(at::kLong));
     if (tol_mode) {
       g.active = at::ones({g.size()}, opts.dtype(at::kBool));
-      g.sigma_prev = at::full({g.size()}, NAN, opts);
+      g.sigma_prev = at::linalg_vector_norm(g.rows(wv0), 2, {1});  // the warm start's estimates
     }
   }
 
@@ -251,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor> power_iteration(at::TensorList weights, at::T
       g.v = g.unrows(at::where(act, g.rows(v_new), g.rows(g.v)), g.v);
       g.steps.add_(g.active.to(at::kLong));
       g.sigma = g.sigma.defined() ? at::where(g.active, sigma, g.sigma) : sigma;
-      // sigma_prev is NaN before the first step, so the comparison is false there (as in the reference).
+      // The first step compares with the warm start's estimate (as in the reference).
       const at::Tensor conv = (sigma - g.sigma_prev).abs() <= tol * sigma;
       g.sigma_prev = at::where(g.active, sigma, g.sigma_prev);
       g.active = g.active & conv.logical_not();
