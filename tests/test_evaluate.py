@@ -9,11 +9,12 @@ from acf.cli import main
 from acf.evaluate import interpolations, load_run, evaluate_bits_per_dim
 from acf.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(data="digits", heads=2, steps=2, batch_size=16, eval_every=2, eval_size=16, n_exact_eval=2, warmup=2)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(TrainConfig(**TINY), out, progress=False)
     return out

@@ -13,6 +13,7 @@ from acf.train import NonFiniteLossError, TrainConfig, Trainer, train
 
 from helpers import assert_same_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(data="digits", heads=2, steps=4, batch_size=16, eval_every=2, eval_size=16, n_exact_eval=2, warmup=2)
 
 
@@ -30,7 +31,7 @@ def test_run_folder_and_metrics(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, one_thread):
     """The checkpoint of an uninterrupted TINY run."""
     run = tmp_path_factory.mktemp("full") / "run"
     train(TrainConfig(**TINY), run, progress=False)
