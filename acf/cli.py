@@ -6,7 +6,8 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -14,6 +15,9 @@ from .branches import BRANCHES
 from .flow import bits_per_dim, uniform_dequantize
 from .data import DATASETS
 from .models import PRESETS, build_model
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
 
 
 def synthetic_images(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -60,35 +64,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+RESUME_OPTIONS = ("steps",)  # what `acf train --resume` takes from the command line (--epochs sets steps)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _resumed_config(run: Path, given: dict) -> TrainConfig:
+    """The stored configuration of ``run`` with the options ``--resume`` takes from the command line
+    (``RESUME_OPTIONS``); any other option given with a value that differs from the stored one is refused."""
+    from .train import read_run_config
+
+    stored = read_run_config(run)
+    differ = [f"{_flag(k)} {v} (stored: {getattr(stored, k)})" for k, v in given.items()
+              if k not in RESUME_OPTIONS and v != getattr(stored, k)]
+    if differ:
+        raise ValueError(f"--resume continues {run} with the settings of its config.json and takes only "
+                         f"{', '.join(map(_flag, RESUME_OPTIONS))} (or --epochs) from the command line; "
+                         f"these differ from the stored run: {'; '.join(differ)}")
+    return dataclasses.replace(stored, **{k: given[k] for k in RESUME_OPTIONS if k in given})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import datetime
-    import json
-    from pathlib import Path
 
-    from .train import TrainConfig, config_from_dict, train
+    from .train import TrainConfig, read_run_config, train
 
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     if "attention" in given and given["attention"] == "none":
         given["attention"] = None
+    if args.epochs is not None:
+        from ._checks import check_int
+        from .data import load_dataset
+
+        check_int(args.epochs, "--epochs", minimum=1)
+        base = read_run_config(Path(args.resume)) if args.resume else TrainConfig()
+        data, root, batch = (given.get(k, getattr(base, k)) for k in ("data", "data_root", "batch_size"))
+        given["steps"] = args.epochs * (len(load_dataset(data, root, "train")) // batch)
     if args.resume:
         run = Path(args.resume)
-        cfg_file = run / "config.json"
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{cfg_file}: not a run folder (no config.json)")
-        stored = json.loads(cfg_file.read_text())["train"]
-        cfg = config_from_dict({**stored, **({"steps": given["steps"]} if "steps" in given else {})})
+        cfg = _resumed_config(run, given)
+        taken = [f"{_flag(k)} {given[k]}" for k in RESUME_OPTIONS if k in given]
+        note = f"; from the command line: {', '.join(taken)}" if taken else ""
+        what = f"resuming {run} with the settings of its config.json{note}"
     else:
-        if args.epochs is not None:
-            from .data import load_dataset
-            n = len(load_dataset(given.get("data", "mnist5k"), given.get("data_root"), "train"))
-            given["steps"] = args.epochs * (n // given.get("batch_size", TrainConfig.batch_size))
         cfg = TrainConfig(**given)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run = Path(args.out) if args.out else Path("runs") / f"{stamp}-{cfg.arch}-{cfg.attention or 'none'}-{cfg.data}"
+        what = str(run)
     from . import distributed
 
     if os.environ.get("RANK", "0") == "0":
-        print(f"acf train: {cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, {cfg.steps} steps -> {run}")
+        print(f"acf train: {cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, {cfg.steps} steps -> {what}")
+    args.interrupt_hint = f"; {run} keeps its last checkpoint (if any): continue with acf train --resume {run}"
     trainer = train(cfg, run, resume=bool(args.resume))
     if not distributed.is_main():
         return 0
@@ -102,49 +131,50 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from .evaluate import load_run, evaluate_bits_per_dim
+    from . import runfolder
+    from .evaluate import evaluate_bits_per_dim, open_run
 
-    cfg, model, test = load_run(args.run, args.device)
-    for m in model.modules():  # more exact log-det terms than in training
-        if hasattr(m, "estimator"):
-            m.estimator = dataclasses.replace(m.estimator, n_exact_eval=args.n_exact)
-    mean, se = evaluate_bits_per_dim(model, test, args.n, args.probes)
-    result = {"test_bpd": mean, "standard_error": se, "images": args.n or len(test), "probes": args.probes,
-              "n_exact": args.n_exact}
-    (Path(args.run) / "evaluation.json").write_text(json.dumps(result, indent=1))
+    with open_run(args.run, args.device, f"acf {args.command}") as (cfg, model, test):
+        for m in model.modules():  # more exact log-det terms than in training
+            if hasattr(m, "estimator"):
+                m.estimator = dataclasses.replace(m.estimator, n_exact_eval=args.n_exact)
+        mean, se = evaluate_bits_per_dim(model, test, args.n, args.probes)
+        result = {"test_bpd": mean, "standard_error": se, "images": args.n or len(test), "probes": args.probes,
+                  "n_exact": args.n_exact}
+        out = Path(args.run) / "evaluation.json"
+        runfolder.write_text(out, json.dumps(result, indent=1))
     print(f"{cfg.data} test bits/dim {mean:.4f} +- {se:.4f} (standard error over {result['images']} images, "
-          f"{args.probes} probe(s), {args.n_exact} exact terms) -> {Path(args.run) / 'evaluation.json'}")
+          f"{args.probes} probe(s), {args.n_exact} exact terms) -> {out}")
     return 0
 
 
 def cmd_figure(args: argparse.Namespace) -> int:
-    from .evaluate import load_run, write_interpolations, write_reconstructions, write_samples
+    from .evaluate import open_run, write_interpolations, write_reconstructions, write_samples
 
-    _, model, test = load_run(args.run, args.device)
-    if args.command == "sample":
-        out = write_samples(args.run, model, args.n, args.temperature)
-    elif args.command == "reconstruct":
-        out, err = write_reconstructions(args.run, model, test, args.n)
-        print(f"max |f^-1(f(x)) - x| = {err:.2e}")
-    else:
-        out = write_interpolations(args.run, model, test, args.pairs, args.steps)
+    with open_run(args.run, args.device, f"acf {args.command}") as (_, model, test):
+        if args.command == "sample":
+            out = write_samples(args.run, model, args.n, args.temperature)
+        elif args.command == "reconstruct":
+            out, err = write_reconstructions(args.run, model, test, args.n)
+            print(f"max |f^-1(f(x)) - x| = {err:.2e}")
+        else:
+            out = write_interpolations(args.run, model, test, args.pairs, args.steps)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_perturb(args: argparse.Namespace) -> int:
-    from .evaluate import awgn_robustness, load_run, write_awgn
+    from .evaluate import awgn_robustness, open_run, write_awgn
 
     if any(s < 0 for s in args.sigma):
         raise ValueError(f"noise levels must be >= 0, got {args.sigma}")
-    _, model, test = load_run(args.run, args.device)
-    rows = awgn_robustness(model, test, args.sigma, args.n)
-    for r in rows:
-        print(f"sigma {r['sigma']:<6g} bits/dim {r['bits_per_dim']:.4f}  reconstruction error "
-              f"{r['reconstruction_error']:.2e}")
-    csv_path, png_path = write_awgn(args.run, rows)
+    with open_run(args.run, args.device, f"acf {args.command}") as (_, model, test):
+        rows = awgn_robustness(model, test, args.sigma, args.n)
+        for r in rows:
+            print(f"sigma {r['sigma']:<6g} bits/dim {r['bits_per_dim']:.4f}  reconstruction error "
+                  f"{r['reconstruction_error']:.2e}")
+        csv_path, png_path = write_awgn(args.run, rows)
     print(f"wrote {csv_path} and {png_path}")
     return 0
 
@@ -198,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", choices=sorted(PRESETS))
     tr.add_argument("--task", choices=["density", "hybrid"])
     group = tr.add_mutually_exclusive_group()
-    group.add_argument("--steps", type=int)
-    group.add_argument("--epochs", type=int)
+    group.add_argument("--steps", type=int, help="training steps (with --resume: extends the run)")
+    group.add_argument("--epochs", type=int, help="... or passes over the training set")
     tr.add_argument("--batch-size", dest="batch_size", type=int)
     tr.add_argument("--lr", type=float)
     tr.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps")
@@ -212,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--n-exact-eval", dest="n_exact_eval", type=int, help="... and in evaluation")
     tr.add_argument("--lam", type=float, help="roulette: Poisson rate")
     tr.add_argument("--grad", choices=["neumann", "memory_efficient", "backprop"], help="log-det gradient")
-    tr.add_argument("--out", help="run folder (default: runs/<time>-<arch>-<attention>-<data>)")
-    tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN where it stopped")
+    where = tr.add_mutually_exclusive_group()
+    where.add_argument("--out", help="run folder, new or empty (default: runs/<time>-<arch>-<attention>-<data>)")
+    where.add_argument("--resume", metavar="RUN", help="continue the run in RUN where it stopped, with the settings "
+                                                      "of its config.json; only --steps / --epochs may change")
     tr.set_defaults(func=cmd_train)
     ev = sub.add_parser("evaluate", help="test bits/dim of a run (unbiased estimator, standard error)")
     ev.add_argument("run")
@@ -256,12 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe(exc: BaseException) -> str:
+    """One line saying what went wrong (an ``OSError`` as its reason and file, without the errno)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+# Failures a user can cause or meet (bad settings or files, a folder in use, I/O: permissions, a full
+# disk): one line and exit code 2, no traceback. An interrupt (Ctrl-C) exits with 130.
+EXPECTED_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        print(f"acf {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"acf {args.command}: interrupted{getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as exc:
+        print(f"acf {args.command}: error: {describe(exc)}", file=sys.stderr)
         return 2
 
 

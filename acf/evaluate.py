@@ -2,33 +2,57 @@
 latent interpolations (paper section 4.4), each written into the run folder."""
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import math
 from pathlib import Path
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from . import runfolder
+from ._checks import check_int
 from .data import ImageDataset, load_dataset, to_float
-from .figures import save_grid
+from .figures import save_figure, save_grid
 from .flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from .models import ACFModel
-from .train import TrainConfig, build_for, config_from_dict
+from .train import CHECKPOINT, CONFIG, TrainConfig, build_for, read_run_config
+
+RunContents = tuple[TrainConfig, ACFModel, ImageDataset]
 
 
-def load_run(run: Path, device: str = "cpu") -> tuple[TrainConfig, ACFModel, ImageDataset]:
-    """The run's configuration, its EMA model (eval mode) and its test set."""
-    run = Path(run)
-    cfg_file, ckpt_file = run / "config.json", run / "checkpoint.pt"
-    for f in (cfg_file, ckpt_file):
-        if not f.exists():
+def _require_run(run: Path) -> None:
+    for f in (run / CONFIG, run / CHECKPOINT):
+        if not f.is_file():
             raise FileNotFoundError(f"{f}: not found; {run} is not a run folder written by `acf train`")
-    cfg = config_from_dict(json.loads(cfg_file.read_text())["train"])
+
+
+def load_run(run: Path, device: str = "cpu") -> RunContents:
+    """The run's configuration (validated), its EMA model (eval mode, from a safely loaded
+    checkpoint) and its test set."""
+    run = Path(run)
+    _require_run(run)
+    cfg = read_run_config(run)
     model = build_for(cfg).to(device)
-    ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
-    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    ckpt = runfolder.load_checkpoint(run / CHECKPOINT, device)
+    try:
+        model.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise runfolder.RunFolderError(f"{run / CHECKPOINT} does not fit the model of {run / CONFIG}: "
+                                       f"{' '.join(str(exc).split())[:300]}") from None
     return cfg, model.eval(), load_dataset(cfg.data, cfg.data_root, "test")
+
+
+@contextlib.contextmanager
+def open_run(run: Path, device: str, holder: str) -> Iterator[RunContents]:
+    """``load_run`` for a command that writes into the run folder: it holds the folder's lock (so that
+    no training or other command writes meanwhile) and has checked the folder is writable before the
+    caller computes anything."""
+    run = Path(run)
+    _require_run(run)
+    with runfolder.lock(run, holder):
+        yield load_run(run, device)
 
 
 @torch.no_grad()
@@ -36,6 +60,9 @@ def evaluate_bits_per_dim(model: ACFModel, test: ImageDataset, n: Optional[int] 
                       batch_size: int = 64, seed: int = 0) -> tuple[float, float]:
     """Mean test bits/dim with the unbiased estimator (the model's evaluation settings), averaged over
     ``probes`` independent draws per image; returns ``(mean, standard error over images)``."""
+    check_int(probes, "probes", minimum=1)
+    if n is not None:
+        check_int(n, "number of test images n", minimum=1)
     torch.manual_seed(seed)
     n = len(test) if n is None else min(n, len(test))
     per_image = []
@@ -50,6 +77,10 @@ def evaluate_bits_per_dim(model: ACFModel, test: ImageDataset, n: Optional[int] 
 @torch.no_grad()
 def interpolations(model: ACFModel, test: ImageDataset, pairs: int = 4, steps: int = 8) -> torch.Tensor:
     """Images decoded from ``z = (1 - t) z_a + t z_b`` between consecutive test images (rows = pairs)."""
+    check_int(pairs, "pairs", minimum=1)
+    check_int(steps, "steps", minimum=2)
+    if 2 * pairs > len(test):
+        raise ValueError(f"pairs={pairs} needs {2 * pairs} test images; the test set has {len(test)}")
     images, _ = test[slice(0, 2 * pairs)]
     x = uniform_dequantize(to_float(images).to(next(model.parameters()).device))
     z, _ = model(x)
@@ -66,6 +97,7 @@ def write_samples(run: Path, model: ACFModel, n: int = 64, temperature: float = 
 
 @torch.no_grad()
 def write_reconstructions(run: Path, model: ACFModel, test: ImageDataset, n: int = 8) -> tuple[Path, float]:
+    check_int(n, "number of images n", minimum=1)
     images, _ = test[slice(0, n)]
     x = uniform_dequantize(to_float(images).to(next(model.parameters()).device))
     z, _ = model(x)
@@ -100,6 +132,7 @@ def awgn_robustness(model: ACFModel, test: ImageDataset, sigmas: Sequence[float]
     dequantised; their bits/dim, ``max |f^-1(f(x)) - x|``, the block inversions
     that did not converge and the fraction of pixels the noise changed. One noise draw, scaled by
     each sigma (common random numbers across sigmas and models)."""
+    check_int(n, "number of test images n", minimum=1)
     gen = torch.Generator().manual_seed(seed)
     images = to_float(test[slice(0, min(n, len(test)))][0])
     noise, dequant = torch.randn(images.shape, generator=gen), torch.rand(images.shape, generator=gen)
@@ -124,10 +157,11 @@ def write_awgn(run: Path, rows: list[dict]) -> tuple[Path, Path]:
     import matplotlib.pyplot as plt
 
     run = Path(run)
-    with open(run / "perturb.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    runfolder.write_text(run / "perturb.csv", text.getvalue())
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     sig = [r["sigma"] for r in rows]
     a.plot(sig, [r["bits_per_dim"] for r in rows], marker="o")
@@ -139,6 +173,5 @@ def write_awgn(run: Path, rows: list[dict]) -> tuple[Path, Path]:
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.suptitle("additive white Gaussian noise")
-    fig.savefig(run / "perturb.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, run / "perturb.png")
     return run / "perturb.csv", run / "perturb.png"

@@ -65,6 +65,7 @@ from .figures import image_grid  # noqa: E402
 from .flow import bits_per_dim, standard_normal_logprob, uniform_dequantize  # noqa: E402
 from .logdet import LogdetEstimator, exact_logdet, logdet_estimate  # noqa: E402
 from .models import ACFModel  # noqa: E402
+from . import runfolder  # noqa: E402
 from .train import NonFiniteLossError, TrainConfig, train  # noqa: E402
 
 PathLike = Union[str, Path]
@@ -211,26 +212,26 @@ def run_key(cfg: TrainConfig) -> str:
     return f"{cfg.data}-{cfg.task}-{cfg.arch}-{cfg.attention or 'none'}-h{cfg.heads}-s{cfg.seed}-{digest}"
 
 
-def _checkpoint_step(path: Path) -> Optional[int]:
+def _checkpoint(path: Path) -> Optional[dict]:
+    """The run's checkpoint, loaded safely (``None`` when there is none yet)."""
     ckpt = path / "checkpoint.pt"
-    if not ckpt.exists():
-        return None
-    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
+    return runfolder.load_checkpoint(ckpt) if ckpt.exists() else None
 
 
-def attention_gamma(path: Path) -> Optional[float]:
+def attention_gamma(ckpt: Optional[dict]) -> Optional[float]:
     """Largest ``|gamma|`` of the attention layers in a run's checkpoint (EMA weights, what is
     evaluated): how much weight the attention has in ``g`` (0: the layer is the identity)."""
-    ckpt = path / "checkpoint.pt"
-    if not ckpt.exists():
+    if ckpt is None:
         return None
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    gammas = [float(v.abs().max()) for k, v in (state["ema"] or state["model"]).items() if k.endswith(".gamma")]
+    gammas = [float(v.abs().max()) for k, v in (ckpt["ema"] or ckpt["model"]).items() if k.endswith(".gamma")]
     return max(gammas) if gammas else None
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    doc = runfolder.read_json(path) if path.exists() else {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 def _locate(root: Path, owner: str, key: str) -> Path:
@@ -248,33 +249,38 @@ def _is_numeric_blowup(exc: Exception) -> bool:
 def ensure_run(root: Path, owner: str, cfg: TrainConfig, progress: bool = True) -> RunRecord:
     """Train the run ``cfg`` under ``root/owner/runs/`` unless a run with the same configuration
     already finished anywhere under ``root``; resume it if it was interrupted. A non-finite loss
-    (or non-finite activations) ends the run with ``status="nonfinite"``: recorded, not raised."""
+    (or non-finite activations) ends the run with ``status="nonfinite"``: recorded, not raised.
+    The run folder's lock is held throughout (another process working on the same run is refused),
+    and the history is the checkpoint's (which the metrics files never run ahead of)."""
     path = _locate(Path(root), owner, run_key(cfg))
-    side = _read_json(path / SIDECAR)
-    step = _checkpoint_step(path)
-    if step is not None and step > cfg.steps:
-        raise ValueError(f"{path} holds a run of {step} steps, more than the {cfg.steps} requested; "
-                         f"remove it or choose another --out")
-    failed_before = side.get("status") == "nonfinite" and side.get("steps") == cfg.steps
-    reused = step == cfg.steps or failed_before
-    if not reused:
-        t0 = time.perf_counter()
-        status, message = "ok", ""
-        try:
-            train(cfg, path, resume=step is not None, progress=progress)
-        except (NonFiniteLossError, ValueError) as exc:
-            if not _is_numeric_blowup(exc):
-                raise
-            # a blow-up after the last step (in the run's figures) leaves a finished run
-            status = "nonfinite" if _checkpoint_step(path) != cfg.steps else "ok"
-            message = str(exc)
-        side = {"status": status, "message": message, "steps": cfg.steps,
-                "wall_seconds": side.get("wall_seconds", 0.0) + time.perf_counter() - t0}
-        (path / SIDECAR).write_text(json.dumps(side, indent=1))
-    history = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").exists() else []
-    return RunRecord(path=path, cfg=cfg, history=history, status=side.get("status", "ok"),
+    path.mkdir(parents=True, exist_ok=True)
+    with runfolder.lock(path, "acf experiment"):
+        side = _read_json(path / SIDECAR)
+        ckpt = _checkpoint(path)
+        step = None if ckpt is None else ckpt["step"]
+        if step is not None and step > cfg.steps:
+            raise ValueError(f"{path} holds a run of {step} steps, more than the {cfg.steps} requested; "
+                             f"remove it or choose another --out")
+        failed_before = side.get("status") == "nonfinite" and side.get("steps") == cfg.steps
+        reused = step == cfg.steps or failed_before
+        if not reused:
+            t0 = time.perf_counter()
+            status, message = "ok", ""
+            try:
+                train(cfg, path, resume=step is not None, progress=progress)
+            except (NonFiniteLossError, ValueError) as exc:
+                if not _is_numeric_blowup(exc):
+                    raise
+                status, message = "nonfinite", str(exc)
+            ckpt = _checkpoint(path)
+            if status == "nonfinite" and ckpt is not None and ckpt["step"] == cfg.steps:
+                status = "ok"  # a blow-up after the last step (in the run's figures) leaves a finished run
+            side = {"status": status, "message": message, "steps": cfg.steps,
+                    "wall_seconds": side.get("wall_seconds", 0.0) + time.perf_counter() - t0}
+            runfolder.write_text(path / SIDECAR, json.dumps(side, indent=1))
+    return RunRecord(path=path, cfg=cfg, history=ckpt["history"] if ckpt else [], status=side.get("status", "ok"),
                      message=side.get("message", ""), wall_seconds=float(side.get("wall_seconds", float("nan"))),
-                     reused=reused, gamma_max_abs=attention_gamma(path))
+                     reused=reused, gamma_max_abs=attention_gamma(ckpt))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 from .data import to_float  # noqa: E402
 from .flow import uniform_dequantize  # noqa: E402
+from .runfolder import atomic_write  # noqa: E402
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -28,14 +29,21 @@ def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
     return grid.permute(1, 2, 0).clamp(0, 1)
 
 
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Write ``fig`` to the PNG ``path`` atomically and close it."""
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int, title: str) -> None:
     grid = image_grid(images.detach().float().cpu(), nrow).numpy()
     fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + 0.4))
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
     ax.set_title(title)
     ax.axis("off")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_convergence(history: list[dict], path: Path, title: str) -> None:
@@ -48,8 +56,7 @@ def save_convergence(history: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_finite, check_image, check_tensor
+from ._checks import check_finite, check_image, check_same_dtype, check_tensor, check_unit_interval
 from .block import ContractiveBlock
 
 
@@ -40,6 +40,7 @@ class ActNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_image(x, self.channels)
+        check_same_dtype(x, self.bias)
         if not bool(self.initialized):
             self._init(x)
         y = (x + self.bias) * torch.exp(self.log_scale)
@@ -81,6 +82,7 @@ class LogitTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_tensor(x, "x")
+        check_unit_interval(x, "x")
         s = self.alpha + (1 - 2 * self.alpha) * x
         y = torch.log(s) - torch.log1p(-s)
         logdet = (math.log(1 - 2 * self.alpha) - torch.log(s) - torch.log1p(-s)).flatten(1).sum(1)

@@ -27,6 +27,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ._checks import check_choice, check_int, check_real
+
 GFunc = Callable[[torch.Tensor], torch.Tensor]
 
 METHODS = ("exact", "series", "roulette")
@@ -50,18 +52,19 @@ class LogdetEstimator:
     max_exact_dim: int = 4096      # "exact": largest per-sample dimension allowed
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
-            (self.dist in ("poisson", "geometric"), f"dist must be 'poisson' or 'geometric', got {self.dist!r}"),
-            (self.probe in ("gaussian", "rademacher"), f"probe must be 'gaussian' or 'rademacher', got {self.probe!r}"),
-            (self.grad is None or self.grad in GRADS, f"grad must be one of {GRADS}, got {self.grad!r}"),
-            (self.n_terms >= 1 and self.n_probes >= 1, "n_terms and n_probes must be >= 1"),
-            (self.n_exact >= 0 and self.n_exact_eval >= 0, "n_exact and n_exact_eval must be >= 0"),
-            (self.lam > 0 and 0 < self.p < 1, f"need lam > 0 and 0 < p < 1, got lam={self.lam}, p={self.p}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"LogdetEstimator: {msg}")
+        try:
+            check_choice(self.method, "method", METHODS)
+            check_choice(self.dist, "dist", ("poisson", "geometric"))
+            check_choice(self.probe, "probe", ("gaussian", "rademacher"))
+            check_choice(self.grad, "grad", (None,) + GRADS)
+            for name in ("n_terms", "n_probes", "max_exact_dim"):
+                check_int(getattr(self, name), name, minimum=1)
+            for name in ("n_exact", "n_exact_eval"):
+                check_int(getattr(self, name), name, minimum=0)
+            check_real(self.lam, "lam", low=0.0, low_open=True)
+            check_real(self.p, "p", low=0.0, high=1.0, low_open=True, high_open=True)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"LogdetEstimator: {exc}") from None
 
     @property
     def grad_mode(self) -> str:

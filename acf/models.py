@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import check_image
+from ._checks import check_coefficient, check_image, check_int, check_real
 from .block import ContractiveBlock
 from .branches import BRANCHES, resflow_branch
 from .flow import ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob
@@ -48,6 +48,30 @@ class ModelConfig:
     n_classes: Optional[int] = None  # hybrid model: a linear classifier on z
     estimator: LogdetEstimator = field(default_factory=LogdetEstimator)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str) or self.arch not in BRANCHES:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(BRANCHES)}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"unknown attention {self.attention!r}; choose one of {ATTENTION_CHOICES}")
+        shape = self.input_shape
+        if not isinstance(shape, (tuple, list)) or len(shape) != 3:
+            raise ValueError(f"input_shape must be (channels, height, width), got {shape!r}")
+        for name, value in zip(("channels", "height", "width"), shape):
+            check_int(value, f"input_shape {name}", minimum=1)
+        object.__setattr__(self, "input_shape", tuple(shape))  # a list (from JSON) compares unequal to shapes
+        for name in ("heads", "n_scales", "blocks_per_scale", "hidden", "growth", "depth", "fc_hidden"):
+            check_int(getattr(self, name), name, minimum=1)
+        check_int(self.fc_blocks, "fc_blocks", minimum=0)
+        if self.n_classes is not None:
+            check_int(self.n_classes, "n_classes", minimum=2)
+        for name in ("squeeze_first", "factor_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_coefficient(check_real(self.coeff, "coeff"))
+        check_real(self.logit_alpha, "logit_alpha", low=0.0, high=0.5, high_open=True)
+        if not isinstance(self.estimator, LogdetEstimator):
+            raise TypeError(f"estimator must be a LogdetEstimator, got {type(self.estimator).__name__}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -69,10 +93,6 @@ def model_config(arch: str = "resflow", attention: Optional[str] = None, heads: 
                  input_shape: tuple[int, int, int] = (1, 28, 28), preset: Optional[str] = None,
                  **overrides) -> ModelConfig:
     """Resolve a preset plus overrides into a checked ``ModelConfig``."""
-    if arch not in BRANCHES:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(BRANCHES)}")
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTION_CHOICES}")
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     names = {f.name for f in fields(ModelConfig)}
@@ -80,7 +100,7 @@ def model_config(arch: str = "resflow", attention: Optional[str] = None, heads: 
     if unknown:
         raise ValueError(f"unknown model settings {unknown}; known: {sorted(names)}")
     values = {**PRESETS.get(preset or "cpu", {}), **overrides}
-    cfg = ModelConfig(arch=arch, attention=attention, heads=heads, input_shape=tuple(input_shape), **values)
+    cfg = ModelConfig(arch=arch, attention=attention, heads=heads, input_shape=input_shape, **values)
     c, h, w = cfg.input_shape
     k = 2 ** n_squeezes(cfg)
     if h % k or w % k:
@@ -103,7 +123,10 @@ def _block(cfg: ModelConfig, g: nn.Module) -> ContractiveBlock:
 
 
 class ACFModel(nn.Module):
-    """A multi-scale contractive flow: ``forward(x) -> (z, logdet)`` with flat ``z``, ``inverse(z)``."""
+    """A multi-scale contractive flow: ``forward(x) -> (z, logdet)`` with flat ``z``, ``inverse(z)``.
+
+    Inputs are non-empty ``(B, C, H, W)`` batches in ``[0, 1]`` of the parameters' dtype: a float32
+    model refuses float64 input (convert one of them: ``x.float()`` or ``model.double()``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -181,7 +204,9 @@ class ACFModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, **kwargs: object) -> torch.Tensor:
-        """``n`` images in ``[0, 1]`` from ``z ~ N(0, temperature^2 I)``."""
+        """``n`` (>= 1) images in ``[0, 1]`` from ``z ~ N(0, temperature^2 I)`` (``temperature >= 0``)."""
+        check_int(n, "number of samples n", minimum=1)
+        check_real(temperature, "temperature", low=0.0)
         p = next(self.parameters())
         z = torch.randn(n, self.dims, device=p.device, dtype=p.dtype) * temperature
         return self.inverse(z, **kwargs).clamp(0.0, 1.0)

@@ -1,18 +1,21 @@
 """Training loop of the main job: ``acf train`` (density or hybrid), with resumable run folders.
 
-A run folder holds ``config.json``, ``checkpoint.pt`` (written atomically: a temporary file, then
-``os.replace``), ``metrics.csv`` / ``metrics.json`` (rewritten from the history kept in the
-checkpoint, so a resumed run never duplicates or loses rows), and PNG figures. Everything random
+A run folder holds ``config.json``, ``checkpoint.pt``, ``metrics.csv`` / ``metrics.json`` and PNG
+figures, each written atomically (``acf.runfolder``), by one process at a time (the folder's lock). The
+checkpoint holds the history and is written first; the metrics files are then rewritten from it (and
+again when the run is resumed), so a run killed at any point never lists a step its checkpoint does
+not have, and a resumed run never duplicates or loses rows. Everything random
 (batch order: a permutation per epoch from ``epoch_seed(seed, epoch)``; dequantisation noise,
 roulette draws and probes: the global torch generator, saved in the checkpoint) is reproducible,
 so a run resumed from a checkpoint ends with the same parameters as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,14 +25,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, runfolder
+from ._checks import check_choice, check_int, check_optional_str, check_real
 from .block import CertificateError, certified_bounds
+from .branches import BRANCHES
 from .data import DATASETS, epoch_seed, load_dataset, to_float
 from .flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
-from .logdet import LogdetEstimator
-from .models import ACFModel, build_model
+from .logdet import GRADS, LogdetEstimator
+from .models import ATTENTION_CHOICES, PRESETS, ACFModel, build_model
 
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")
+CONFIG, CHECKPOINT = "config.json", "checkpoint.pt"
+CONFIG_SECTIONS = ("train", "model", "world_size")  # of config.json; "train" is read back, the rest is a record
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,15 +70,31 @@ class TrainConfig:
     logit_alpha: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.task not in ("density", "hybrid"):
-            raise ValueError(f"task must be 'density' or 'hybrid', got {self.task!r}")
-        if self.data not in DATASETS:
+        """Check every field's type and range; errors name the field."""
+        if not isinstance(self.data, str) or self.data not in DATASETS:
             raise ValueError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
+        check_optional_str(self.data_root, "data_root")
+        check_choice(self.task, "task", ("density", "hybrid"))
+        check_choice(self.arch, "arch", tuple(BRANCHES))
+        check_choice(self.attention, "attention", ATTENTION_CHOICES)
+        check_choice(self.preset, "preset", tuple(PRESETS))
+        check_choice(self.grad, "grad", GRADS)
+        for name in ("heads", "steps", "batch_size", "eval_every", "eval_size"):
+            check_int(getattr(self, name), name, minimum=1)
+        for name in ("warmup", "seed", "n_exact", "n_exact_eval"):
+            check_int(getattr(self, name), name, minimum=0)
+        check_real(self.lr, "lr", low=0.0, low_open=True)
+        check_real(self.ema_decay, "ema_decay", low=0.0, high=1.0, high_open=True)
+        check_real(self.lam, "lam", low=0.0, low_open=True)
+        check_real(self.logit_alpha, "logit_alpha", low=0.0, high=0.5, high_open=True)
+        if not isinstance(self.device, str):
+            raise TypeError(f"device must be a string, got {self.device!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
         if self.task == "hybrid" and DATASETS[self.data].n_classes == 0:
             raise ValueError(f"data set {self.data!r} has no labels: it cannot train a hybrid model")
-        for name in ("steps", "batch_size", "eval_every", "eval_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def build_for(cfg: TrainConfig) -> ACFModel:
@@ -84,20 +107,50 @@ def build_for(cfg: TrainConfig) -> ACFModel:
                        logit_alpha=cfg.logit_alpha)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_metrics(run: Path, history: list[dict]) -> None:
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
-            writer.writeheader()
-            writer.writerows(history)
-    _atomic_write(run / "metrics.csv", write_csv)
-    _atomic_write(run / "metrics.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
+    """``metrics.csv`` and ``metrics.json`` from the history the checkpoint holds (written after it)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    runfolder.write_text(run / "metrics.csv", text.getvalue())
+    runfolder.write_text(run / "metrics.json", json.dumps(history, indent=1))
+
+
+def config_diff(stored: dict, cfg: TrainConfig) -> dict:
+    """``{field: (stored, requested)}`` for the settings of ``cfg`` that differ from ``stored`` (a run's
+    ``asdict(TrainConfig)``), ``steps`` excepted: a run may be extended."""
+    return {k: (stored.get(k), v) for k, v in asdict(cfg).items() if k != "steps" and stored.get(k) != v}
+
+
+def config_from_dict(values: object, source: str = "config") -> TrainConfig:
+    """A ``TrainConfig`` from a dict of every setting (e.g. a run's config.json): unknown or missing
+    settings, wrong types and values out of range raise an error naming the setting and ``source``."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{source}: the training settings must be a JSON object, got {type(values).__name__}")
+    names = [f.name for f in fields(TrainConfig)]
+    unknown, missing = sorted(set(values) - set(names)), [n for n in names if n not in values]
+    if unknown or missing:
+        raise ValueError(f"{source}: " + "; ".join(
+            [f"unknown training setting(s) {unknown}"] * bool(unknown) + [f"missing setting(s) {missing}"] * bool(missing)))
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{source}: {exc}") from None
+
+
+def read_run_config(run: Path) -> TrainConfig:
+    """The training configuration in ``run/config.json``, validated (errors name the file and field)."""
+    path = Path(run) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; {run} is not a run folder written by `acf train`")
+    doc = runfolder.read_json(path)
+    if not isinstance(doc, dict) or "train" not in doc:
+        raise ValueError(f"{path}: no \"train\" section (the run's training settings)")
+    unknown = sorted(set(doc) - set(CONFIG_SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; a run's config.json holds {list(CONFIG_SECTIONS)}")
+    return config_from_dict(doc["train"], f"{path} (train)")
 
 
 class Trainer:
@@ -212,17 +265,21 @@ class Trainer:
                 "rng": distributed.gather_objects(torch.get_rng_state())}
 
     def save(self) -> None:
+        """The checkpoint (with the history), then the metrics files rewritten from that history."""
         state = self.state()  # collective: every rank takes part
         if distributed.is_main():
-            _atomic_write(self.run_dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+            runfolder.atomic_write(self.run_dir / CHECKPOINT, lambda fh: torch.save(state, fh))
+            _write_metrics(self.run_dir, self.history)
         distributed.barrier()
 
     def load(self, path: Path) -> None:
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        diff = {k: (ckpt["config"].get(k), v) for k, v in asdict(self.cfg).items()
-                if k != "steps" and ckpt["config"].get(k) != v}  # a resumed run may be extended
+        ckpt = runfolder.load_checkpoint(path, self.device)
+        diff = config_diff(ckpt["config"] if isinstance(ckpt["config"], dict) else {}, self.cfg)
         if diff:
             raise ValueError(f"{path} was written by a run with another configuration (stored, requested): {diff}")
+        if ckpt["step"] > self.cfg.steps:
+            raise ValueError(f"{path} is at step {ckpt['step']}, past the {self.cfg.steps} steps requested; "
+                             f"give --steps {ckpt['step']} or more")
         self.model.load_state_dict(ckpt["model"])
         if ckpt["ema"] is not None:
             self.ema = copy.deepcopy(self.model).eval()
@@ -236,58 +293,80 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
     def run(self, progress: bool = True) -> dict:
         main = distributed.is_main()
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", disable=not (progress and main))
         recent: list[float] = []
-        while self.step < self.cfg.steps:
-            t0 = time.perf_counter()
-            recent.append(self.train_step())
-            self.seconds += time.perf_counter() - t0
-            bar.update(1)
-            bar.set_postfix(bpd=f"{sum(recent[-20:]) / len(recent[-20:]):.3f}")
-            if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
-                if main:  # rank 0 evaluates and writes; the others wait in save()
-                    test_bpd, acc = self.evaluate(self.cfg.eval_size)
-                    self.history.append({"step": self.step, "train_bpd": sum(recent) / len(recent),
-                                         "test_bpd": test_bpd, "test_acc": acc, "seconds": round(self.seconds, 2),
-                                         "lipschitz_max": self.certified_lipschitz()})
-                    if progress:
-                        bar.write(f"step {self.step}: test bits/dim {test_bpd:.4f}"
-                                  + (f", accuracy {acc:.4f}" if acc is not None else ""))
-                    _write_metrics(self.run_dir, self.history)
-                recent = []
-                self.save()
-        bar.close()
+        with tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step",
+                  disable=not (progress and main)) as bar:  # closed (its line ended) on any exit
+            while self.step < self.cfg.steps:
+                t0 = time.perf_counter()
+                recent.append(self.train_step())
+                self.seconds += time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(bpd=f"{sum(recent[-20:]) / len(recent[-20:]):.3f}")
+                if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                    if main:  # rank 0 evaluates and writes; the others wait in save()
+                        test_bpd, acc = self.evaluate(self.cfg.eval_size)
+                        self.history.append({"step": self.step, "train_bpd": sum(recent) / len(recent),
+                                             "test_bpd": test_bpd, "test_acc": acc, "seconds": round(self.seconds, 2),
+                                             "lipschitz_max": self.certified_lipschitz()})
+                        if progress:
+                            bar.write(f"step {self.step}: test bits/dim {test_bpd:.4f}"
+                                      + (f", accuracy {acc:.4f}" if acc is not None else ""))
+                    recent = []
+                    self.save()
         if not distributed.parameters_agree(self.model):
             raise RuntimeError("data-parallel ranks ended with different parameters")
         return self.history[-1] if self.history else {}
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> Trainer:
-    """Train (or resume) the run in ``run_dir``; writes its files and figures; returns the trainer."""
-    run_dir = Path(run_dir)
-    ckpt = run_dir / "checkpoint.pt"
-    if resume and not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: no checkpoint to resume from")
-    if not resume and ckpt.exists():
-        raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, run_dir)
+def _check_folder(run: Path, cfg: TrainConfig, resume: bool) -> None:
+    """Refuse a folder ``train`` must not write into: in use by another writer; no checkpoint to resume;
+    a run already there (a new run may only restart one that stopped before its first checkpoint, with
+    the same settings); files that are not an acf run."""
+    runfolder.check_free(run)
+    ckpt = run / CHECKPOINT
     if resume:
-        trainer.load(ckpt)
-    if distributed.is_main():
-        _atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(
-            {"train": asdict(cfg), "model": trainer.model.cfg.to_dict(), "world_size": trainer.world},
-            indent=1, default=str)))
-    trainer.run(progress)
-    if distributed.is_main():
-        from .figures import write_figures
+        if not ckpt.exists():
+            raise FileNotFoundError(f"{ckpt}: no checkpoint to resume from")
+        return
+    if ckpt.exists():
+        raise FileExistsError(f"{run} already holds a run; resume it with --resume or choose another --out")
+    names = runfolder.contents(run)
+    if not names:
+        return
+    if CONFIG not in names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise FileExistsError(f"{run} is not empty and holds no acf run ({shown}); choose another --out")
+    diff = config_diff(asdict(read_run_config(run)), cfg)
+    if diff:
+        raise FileExistsError(f"{run} holds a run that stopped before its first checkpoint, with another "
+                              f"configuration (stored, requested): {diff}; choose another --out")
 
-        write_figures(trainer)
-    distributed.barrier()
+
+def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> Trainer:
+    """Train (or resume) the run in ``run_dir`` as its only writer (the folder's lock, held by rank 0);
+    writes its files and figures; returns the trainer. The folder is created only once the data and
+    the model have been built, so a run that fails validation leaves nothing behind."""
+    run_dir = Path(run_dir)
+    _check_folder(run_dir, cfg, resume)
+    trainer = Trainer(cfg, run_dir)
+    main = distributed.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with runfolder.lock(run_dir, "acf train") if main else contextlib.nullcontext():
+        if main:
+            _check_folder(run_dir, cfg, resume)  # again, now as the folder's only writer
+        if resume:
+            trainer.load(run_dir / CHECKPOINT)
+        if main:
+            runfolder.write_text(run_dir / CONFIG, json.dumps(
+                {"train": asdict(cfg), "model": trainer.model.cfg.to_dict(), "world_size": trainer.world},
+                indent=1, default=str))
+            if resume:  # a run killed between its checkpoint and metrics writes gets its rows back
+                _write_metrics(run_dir, trainer.history)
+        trainer.run(progress)
+        if main:
+            from .figures import write_figures
+
+            write_figures(trainer)
+        distributed.barrier()
     return trainer
-
-
-def config_from_dict(values: dict) -> TrainConfig:
-    """A ``TrainConfig`` from a dict (e.g. a run's config.json), ignoring unknown keys."""
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in names})

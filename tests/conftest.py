@@ -14,3 +14,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny tensors run faster on one, a busy 2-core machine is ~10x
+    slower on two, and runs compared bit for bit with a subprocess (OMP_NUM_THREADS=1) must reduce
+    in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,5 +1,7 @@
-"""Shared test utilities: float64 Jacobians, empirical Lipschitz ratios, saturated branches."""
+"""Shared test utilities: float64 Jacobians, empirical Lipschitz ratios, saturated branches, checkpoints."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -68,3 +70,28 @@ def positive_branch():
             if hasattr(m, "gamma"):
                 m.gamma.fill_(0.3)
     return g.eval()
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Two runs' checkpoints hold bit-identical state: model, EMA, optimizer, schedule, random
+    generators, step and history (wall-clock ``seconds`` aside, and ``lipschitz_max`` to 1e-4: ARPACK
+    starts its Lanczos iteration from a vector of its own generator)."""
+    def same(x, y, where: str) -> None:
+        assert type(x) is type(y), where
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), where
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys(), where
+            for k in x:
+                if k == "lipschitz_max":
+                    assert abs(x[k] - y[k]) <= 1e-4 * abs(y[k]), where
+                elif k != "seconds":
+                    same(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                same(u, v, f"{where}[{i}]")
+        else:
+            assert x == y, where
+
+    same(torch.load(a, weights_only=True), torch.load(b, weights_only=True), "checkpoint")

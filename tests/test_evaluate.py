@@ -9,11 +9,12 @@ from acf.cli import main
 from acf.evaluate import interpolations, load_run, evaluate_bits_per_dim
 from acf.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(data="digits", heads=2, steps=2, batch_size=16, eval_every=2, eval_size=16, n_exact_eval=2, warmup=2)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(TrainConfig(**TINY), out, progress=False)
     return out
@@ -74,3 +75,20 @@ def test_awgn_requantises_to_valid_images(run):
     assert rows[0]["changed_pixels"] == 0.0 and rows[1]["changed_pixels"] > 0.3
     assert all(math.isfinite(r["bits_per_dim"]) and r["reconstruction_error"] < 1e-3 for r in rows)
     assert rows[0]["nonconverged_blocks"] == 0
+
+
+@pytest.mark.parametrize("args,match", [
+    (["evaluate", "--probes", "0"], "probes must be >= 1"),
+    (["evaluate", "--n", "0"], "number of test images n must be >= 1"),
+    (["evaluate", "--n-exact", "-1"], "n_exact_eval must be >= 0"),
+    (["sample", "--n", "0"], "number of samples n must be >= 1"),
+    (["sample", "--temperature", "-1"], "temperature must be in"),
+    (["reconstruct", "--n", "0"], "number of images n must be >= 1"),
+    (["interpolate", "--steps", "1"], "steps must be >= 2"),
+    (["interpolate", "--pairs", "100000"], "pairs=100000 needs 200000 test images"),
+    (["perturb", "--n", "0"], "number of test images n must be >= 1"),
+])
+def test_bad_command_settings_are_one_line_errors(run, capsys, args, match):
+    assert main([args[0], str(run), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err and "Traceback" not in err, err

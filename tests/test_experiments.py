@@ -10,18 +10,10 @@ from acf import experiments as ex
 from acf.cli import main
 from acf.train import NonFiniteLossError
 
-pytestmark = pytest.mark.filterwarnings("ignore:residual branch is not certified:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:residual branch is not certified:RuntimeWarning"),
+              pytest.mark.usefixtures("one_thread")]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_VARIANTS = len(ex.CONVERGENCE_VARIANTS)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and on a busy 2-core machine 2 threads are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -169,11 +169,19 @@ def test_no_graph_in_evaluation(setup):
     ({"dist": "binomial"}, "dist must be"),
     ({"probe": "sphere"}, "probe must be"),
     ({"grad": "adjoint"}, "grad must be one of"),
-    ({"n_terms": 0}, "n_terms and n_probes"),
-    ({"p": 1.0}, "0 < p < 1"),
+    ({"n_terms": 0}, "n_terms must be >= 1"),
+    ({"n_probes": 0}, "n_probes must be >= 1"),
+    ({"p": 1.0}, r"p must be in \(0.0, 1.0\)"),
+    ({"lam": float("inf")}, "lam must be finite"),
+    ({"lam": 0.0}, r"lam must be in \(0.0, inf\)"),
+    ({"n_exact": -1}, "n_exact must be >= 0"),
+    ({"n_exact": 2.5}, "n_exact must be an integer, got 2.5"),
+    ({"n_exact_eval": True}, "n_exact_eval must be an integer, got True"),
+    ({"max_exact_dim": "big"}, "max_exact_dim must be an integer"),
 ])
 def test_bad_config(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    """Every setting is checked at construction (not later, as an IndexError or TypeError in use)."""
+    with pytest.raises((TypeError, ValueError), match=f"LogdetEstimator: {match}"):
         LogdetEstimator(**kwargs)
 
 

@@ -71,11 +71,44 @@ def test_hybrid_head_and_presets():
     ({"blocks": 3}, r"unknown model settings \['blocks'\]"),
     ({"input_shape": (1, 6, 6)}, "must be divisible by 4"),
     ({"coeff": 1.0}, "coeff=1.0 is not in"),
+    ({"hidden": 0}, "hidden must be >= 1, got 0"),
+    ({"heads": "4"}, "heads must be an integer, got '4'"),
+    ({"blocks_per_scale": 1.5}, "blocks_per_scale must be an integer"),
+    ({"fc_blocks": -1}, "fc_blocks must be >= 0"),
+    ({"n_classes": 1}, "n_classes must be >= 2"),
+    ({"logit_alpha": 0.5}, r"logit_alpha must be in \[0.0, 0.5\)"),
+    ({"input_shape": (1, 8)}, "input_shape must be \\(channels, height, width\\)"),
+    ({"input_shape": (0, 8, 8)}, "input_shape channels must be >= 1"),
+    ({"factor_out": "yes"}, "factor_out must be True or False"),
+    ({"estimator": "roulette"}, "estimator must be a LogdetEstimator"),
 ])
 def test_bad_configuration(kwargs, match):
+    """Every model setting is checked when the configuration is made, with a message naming it."""
     args = {"arch": "resflow", "attention": "l2", "heads": 2, "input_shape": (1, 8, 8), "preset": "cpu", **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):
         build_model(**args)
+
+
+def test_bad_inputs_are_named():
+    model = tiny("resflow", None).eval()
+    with pytest.raises(ValueError, match=r"x has values outside \[0, 1\] \(min 2, max 2\)"):
+        model.log_prob(torch.full((2, 1, 8, 8), 2.0))
+    with pytest.raises(ValueError, match=r"input is an empty batch \(shape \(0, 1, 8, 8\)\)"):
+        model.log_prob(torch.rand(0, 1, 8, 8))
+    with pytest.raises(TypeError, match="input has dtype torch.float64 but the model's parameters are torch.float32"):
+        model.log_prob(torch.rand(2, 1, 8, 8, dtype=torch.float64))
+    for n, temperature, match in ((0, 1.0, "n must be >= 1, got 0"), (2.5, 1.0, "n must be an integer"),
+                                  (2, -1.0, "temperature must be in"), (2, float("nan"), "temperature must be finite")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            model.sample(n, temperature)
+
+
+def test_float64_model_takes_float64_input():
+    model = tiny("resflow", "l2").double().eval()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    logp = model.log_prob(x)
+    assert logp.dtype == torch.float64 and torch.isfinite(logp).all()
+    assert model.sample(2).dtype == torch.float64
 
 
 def test_bad_input_shape():

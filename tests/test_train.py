@@ -1,12 +1,19 @@
 """Training loop: run folder, exact resume, non-finite loss, config mismatch, hybrid task, CLI."""
 import json
+import os
+import random
+from pathlib import Path
 
 import pytest
 import torch
 
+from acf import runfolder
 from acf.cli import main
 from acf.train import NonFiniteLossError, TrainConfig, Trainer, train
 
+from helpers import assert_same_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(data="digits", heads=2, steps=4, batch_size=16, eval_every=2, eval_size=16, n_exact_eval=2, warmup=2)
 
 
@@ -20,18 +27,66 @@ def test_run_folder_and_metrics(tmp_path):
     assert rows[0] == "step,train_bpd,test_bpd,test_acc,seconds,lipschitz_max" and len(rows) == 3
     assert all(0 < h["lipschitz_max"] < 1 and 0 < h["test_bpd"] < 16 for h in trainer.history)
     assert json.loads((run / "config.json").read_text())["model"]["input_shape"] == [1, 8, 8]
-    assert not list(run.glob("*.tmp"))  # atomic writes leave no temporary files
+    assert not [p for p in os.listdir(run) if p.endswith(runfolder.TEMP_SUFFIX)]  # atomic writes leave none
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-    full = train(TrainConfig(**TINY), tmp_path / "full", progress=False)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, one_thread):
+    """The checkpoint of an uninterrupted TINY run."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    train(TrainConfig(**TINY), run, progress=False)
+    return run / "checkpoint.pt"
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, uninterrupted):
     half = TrainConfig(**{**TINY, "steps": 2})
     train(half, tmp_path / "split", progress=False)
     resumed = train(TrainConfig(**TINY), tmp_path / "split", resume=True, progress=False)
-    assert resumed.step == full.step == 4
-    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert [h["step"] for h in resumed.history] == [2, 4]  # no duplicated or lost metric rows
+    assert resumed.step == 4 and [h["step"] for h in resumed.history] == [2, 4]  # no duplicated or lost rows
+    assert_same_checkpoint(tmp_path / "split" / "checkpoint.pt", uninterrupted)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (no ``except Exception`` handler sees it)."""
+
+
+# The atomic writes of a TINY run: 1 config.json; at steps 2 and 4: checkpoint.pt, metrics.csv,
+# metrics.json (2-4, 5-7); then the figures. A kill before the rename of write n leaves the old file
+# and a partial temporary one; a kill after it, the new file and none of the later ones.
+KILL_POINTS = [(2, "before"), (2, "after"), (3, "before"), (4, "before"), (6, "after")]  # in and between
+KILL_POINTS += random.Random(0).sample([(n, w) for n in range(1, 8) for w in ("before", "after")
+                                        if (n, w) not in KILL_POINTS], 2)           # and two drawn at random
+
+
+@pytest.mark.parametrize("write,when", KILL_POINTS)
+def test_run_killed_during_a_write_resumes_bit_identically(tmp_path, monkeypatch, uninterrupted, write, when):
+    """A run killed in the middle of (or between) its checkpoint and metrics writes, then resumed (or
+    started again, when it had no checkpoint yet), ends bit for bit where an uninterrupted run ends
+    (model, EMA, optimizer, generators), and its metrics files list exactly the checkpoint's steps."""
+    run, calls, real_replace = tmp_path / "run", [], os.replace
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == write and when == "before":
+            Path(src).write_bytes(b"partial")
+            raise Killed
+        real_replace(src, dst)
+        if len(calls) == write:
+            raise Killed
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        train(TrainConfig(**TINY), run, progress=False)
+    monkeypatch.undo()
+    (run / f".checkpoint.pt.left-by-a-kill{runfolder.TEMP_SUFFIX}").write_bytes(b"partial")
+    stored = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else []
+    if (run / "checkpoint.pt").exists():
+        steps = [h["step"] for h in torch.load(run / "checkpoint.pt", weights_only=True)["history"]]
+        assert [h["step"] for h in stored] in (steps, steps[:-1])  # never ahead of the checkpoint
+    train(TrainConfig(**TINY), run, resume=(run / "checkpoint.pt").exists(), progress=False)
+    assert_same_checkpoint(run / "checkpoint.pt", uninterrupted)
+    assert [h["step"] for h in json.loads((run / "metrics.json").read_text())] == [2, 4]
+    assert not [p for p in os.listdir(run) if p.endswith(runfolder.TEMP_SUFFIX)]
 
 
 def test_non_finite_loss_keeps_last_checkpoint(tmp_path, monkeypatch):
@@ -76,6 +131,25 @@ def test_bad_training_configuration():
         TrainConfig(data="celeba64", task="hybrid")
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("ema_decay", 5.0, r"ema_decay must be in \[0.0, 1.0\), got 5.0"),
+    ("warmup", -3, "warmup must be >= 0, got -3"),
+    ("lr", 0.0, r"lr must be in \(0.0, inf\)"),
+    ("heads", "4", "heads must be an integer, got '4'"),
+    ("steps", 2.0, "steps must be an integer, got 2.0"),
+    ("n_exact", True, "n_exact must be an integer, got True"),
+    ("lam", float("inf"), "lam must be finite"),
+    ("arch", "glow", "arch must be one of"),
+    ("attention", "none", "attention must be one of None"),
+    ("grad", "adjoint", "grad must be one of"),
+    ("data_root", 3, "data_root must be a string or null"),
+    ("device", "gpu", "device 'gpu' is not a torch device"),
+])
+def test_every_training_setting_is_checked(field, value, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        TrainConfig(**{field: value})
+
+
 def test_cli_train_and_resume(tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["train", "--data", "digits", "--heads", "2", "--steps", "2", "--batch-size", "16", "--eval-every", "2",
@@ -102,5 +176,5 @@ def test_two_process_data_parallel_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert [h["step"] for h in json.loads((out / "metrics.json").read_text())] == [2, 4]
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
