@@ -61,3 +61,11 @@ def test_a_block_at_one_is_named():
     block.lipschitz_bound = lambda: 1.0
     with pytest.raises(CertificateError, match=f"'{name}' has certified Lip\\(g\\) = 1.000000 >= 1"):
         certified_bounds(model)
+
+
+def test_an_uncertified_ablation_reports_without_raising():
+    """Plain dot-product attention (built on purpose without a certificate) reports an infinite bound
+    and does not stop training; only certified blocks raise."""
+    with pytest.warns(RuntimeWarning, match="not certified"):
+        model = acf.build_model("resflow", "dot", input_shape=(1, 8, 8), n_scales=1, blocks_per_scale=1, hidden=8)
+    assert list(certified_bounds(model).values()) == [float("inf")]
