@@ -19,30 +19,34 @@ from .spectral_norm import SpectralConv2d
 
 
 def _conv_stack(channels: int, hidden: int, input_hw: tuple[int, int], kernels: Sequence[int], coeff: float,
-                activation: str, preactivation: bool, attention: Optional[str], heads: int) -> LipschitzChain:
+                activation: str, preactivation: bool, attention: Optional[str], heads: int,
+                attention_options: Optional[dict]) -> LipschitzChain:
     widths = [channels] + [hidden] * (len(kernels) - 1) + [channels]
     layers: list[nn.Module] = []
     for i, k in enumerate(kernels):
         if preactivation or i > 0:
             layers.append(make_activation(activation))
         if i == 1 and attention is not None:
-            layers.append(make_attention(attention, widths[i], heads))
+            layers.append(make_attention(attention, widths[i], heads, **(attention_options or {})))
         layers.append(SpectralConv2d(widths[i], widths[i + 1], k, input_hw, coeff=coeff))
     return LipschitzChain(*layers)
 
 
 def iresnet_branch(channels: int, input_hw: tuple[int, int], hidden: int = 32, coeff: float = 0.97,
-                   attention: Optional[str] = None, heads: int = 4,
-                   kernels: Sequence[int] = (3, 1, 3)) -> LipschitzChain:
-    """i-ResNet ``g = W3 . ELU . W2 . ELU . [SA] . W1`` (3-1-3 convolutions, Behrmann et al. 2019)."""
-    return _conv_stack(channels, hidden, input_hw, kernels, coeff, "elu", False, attention, heads)
+                   attention: Optional[str] = None, heads: int = 4, kernels: Sequence[int] = (3, 1, 3),
+                   attention_options: Optional[dict] = None) -> LipschitzChain:
+    """i-ResNet ``g = W3 . ELU . W2 . ELU . [SA] . W1`` (3-1-3 convolutions, Behrmann et al. 2019);
+    ``attention_options`` go to ``make_attention``."""
+    return _conv_stack(channels, hidden, input_hw, kernels, coeff, "elu", False, attention, heads, attention_options)
 
 
 def resflow_branch(channels: int, input_hw: tuple[int, int], hidden: int = 32, coeff: float = 0.97,
-                   attention: Optional[str] = None, heads: int = 4,
-                   kernels: Sequence[int] = (3, 1, 3)) -> LipschitzChain:
-    """Residual Flow ``g = W3 . LS . W2 . LS . [SA] . W1 . LS`` with LipSwish (Chen et al. 2019)."""
-    return _conv_stack(channels, hidden, input_hw, kernels, coeff, "lipswish", True, attention, heads)
+                   attention: Optional[str] = None, heads: int = 4, kernels: Sequence[int] = (3, 1, 3),
+                   attention_options: Optional[dict] = None) -> LipschitzChain:
+    """Residual Flow ``g = W3 . LS . W2 . LS . [SA] . W1 . LS`` with LipSwish (Chen et al. 2019);
+    ``attention_options`` go to ``make_attention``."""
+    return _conv_stack(channels, hidden, input_hw, kernels, coeff, "lipswish", True, attention, heads,
+                       attention_options)
 
 
 class DenseLayer(nn.Module):
@@ -71,15 +75,17 @@ class DenseLayer(nn.Module):
 
 
 def idensenet_branch(channels: int, input_hw: tuple[int, int], growth: int = 16, depth: int = 3,
-                     coeff: float = 0.97, attention: Optional[str] = None, heads: int = 4) -> LipschitzChain:
-    """invertible DenseNet ``g = W_out . [SA] . h_depth ... h_1`` (Perugachi-Diaz et al. 2021)."""
+                     coeff: float = 0.97, attention: Optional[str] = None, heads: int = 4,
+                     attention_options: Optional[dict] = None) -> LipschitzChain:
+    """invertible DenseNet ``g = W_out . [SA] . h_depth ... h_1`` (Perugachi-Diaz et al. 2021);
+    ``attention_options`` go to ``make_attention``."""
     layers: list[nn.Module] = []
     width = channels
     for _ in range(depth):
         layers.append(DenseLayer(width, growth, input_hw, coeff))
         width += growth
     if attention is not None:
-        layers.append(make_attention(attention, width, heads))
+        layers.append(make_attention(attention, width, heads, **(attention_options or {})))
     layers.append(SpectralConv2d(width, channels, 1, input_hw, coeff=coeff))
     return LipschitzChain(*layers)
 

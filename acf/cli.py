@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build a small ACF, print its log-likelihood, invert it")
     demo.add_argument("--arch", choices=sorted(BRANCHES), default="resflow")
-    demo.add_argument("--attention", choices=["l2", "lipnorm", "dot", "none"], default="l2")
+    demo.add_argument("--attention", choices=["l2", "l2-tight", "lipnorm", "dot", "none"], default="l2")
     demo.add_argument("--heads", type=int, default=4)
     demo.add_argument("--size", type=int, default=16, help="image side (divisible by 4)")
     demo.add_argument("--blocks", type=int, default=2, help="residual blocks per scale")
@@ -223,7 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", choices=sorted(DATASETS))
     tr.add_argument("--data-root", dest="data_root", help="folder of a file-based data set")
     tr.add_argument("--arch", choices=sorted(BRANCHES))
-    tr.add_argument("--attention", choices=["l2", "lipnorm", "dot", "none"])
+    tr.add_argument("--attention", choices=["l2", "l2-tight", "lipnorm", "dot", "none"])
+    tr.add_argument("--gamma-init", dest="gamma_init", type=float,
+                    help="attention: initial gamma (0: each attention layer starts as the identity)")
+    tr.add_argument("--delta-max", dest="delta_max", type=float, help="l2-tight: logit range Delta")
+    tr.add_argument("--ball-radius", dest="ball_radius", type=float,
+                    help="l2-tight: token ball radius, in units of sqrt(channels per head)")
+    tr.add_argument("--head-layout", dest="head_layout", choices=["grouped", "multihead"], help="l2-tight: head layout")
     tr.add_argument("--heads", type=int)
     tr.add_argument("--preset", choices=sorted(PRESETS))
     tr.add_argument("--task", choices=["density", "hybrid"])
@@ -272,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--device", default="cpu")
     pt.set_defaults(func=cmd_perturb)
     ex = sub.add_parser("experiment", help="run a paper experiment (or all): CSV, PNG, markdown table, JSON")
-    ex.add_argument("name", help="convergence, heads, awgn, dot, classification, interpolation, all, or "
+    ex.add_argument("name", help="convergence, heads, awgn, dot, classification, interpolation, tight, long, all, or "
                                  "report (only fill --page from the results already in --out)")
     ex.add_argument("--scale", choices=["micro", "reduced", "full"], default="reduced",
                     help="micro: seconds (tests); reduced: a 2-core CPU within a session; full: hours")

@@ -57,7 +57,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from .attention import DotProductAttention, L2MultiheadAttention, LipNormAttention  # noqa: E402
+from .attention import (DotProductAttention, L2MultiheadAttention, L2TightAttention, LipNormAttention,  # noqa: E402
+                        l2_tight_constant)
 from .block import ContractiveBlock  # noqa: E402
 from .data import ImageDataset, to_float  # noqa: E402
 from .evaluate import awgn_robustness, count_nonconverged, interpolations, load_run  # noqa: E402
@@ -97,12 +98,17 @@ class Scale:
     power_iters: int             # power iterations for Jacobian spectral norms
     interp_pairs: int
     interp_steps: int
+    long_steps: int = 2000       # long experiment: steps of each run ...
+    long_eval_every: int = 500   # ... and its evaluation cadence
+    deltas: tuple[float, ...] = (0.5, 1.0, 2.0)  # tight experiment: l2-tight logit ranges
+    share_images: int = 64       # test images for the attention's share of a layer's output
 
 
 MICRO = Scale(name="micro", data="digits", steps=2, batch_size=16, eval_every=1, eval_size=8, n_exact_eval=2,
               warmup=2, seeds=1, heads=(1, 4, 16), classification_data=("digits",), classification_images=16,
               awgn_sigmas=(0.0, 0.1), awgn_images=4, dot_scales=(1.0, 4.0), dot_images=2, logdet_images=1,
-              logdet_draws=4, power_iters=3, interp_pairs=2, interp_steps=3)
+              logdet_draws=4, power_iters=3, interp_pairs=2, interp_steps=3, long_steps=3, long_eval_every=3,
+              deltas=(0.5, 2.0), share_images=4)
 
 # The settings behind the committed tables: `acf experiment all --scale reduced` on a 2-core CPU.
 # Seconds per training step at batch 32 on MNIST-5k, CPU preset (measured 2026-11-28, 1 thread on a
@@ -130,22 +136,28 @@ SCALES: dict[str, Scale] = {s.name: s for s in (MICRO, REDUCED, FULL)}
 
 @dataclass(frozen=True)
 class Variant:
-    """A model variant: architecture, attention (None, "l2", "lipnorm", "dot") and heads."""
+    """A model variant: architecture, attention (None, "l2", "l2-tight", "lipnorm", "dot"), heads and,
+    for "l2-tight", the logit range (None: the default)."""
 
     arch: str
     attention: Optional[str]
     heads: int = 4
+    delta_max: Optional[float] = None
+    gamma_init: Optional[float] = None
 
     @property
     def label(self) -> str:
         names = {"iresnet": "i-ResNet", "resflow": "ResFlow", "idensenet": "i-DenseNet"}
-        att = {None: "", "l2": " + L2 SA", "lipnorm": " + LipNorm SA", "dot": " + dot SA"}[self.attention]
-        return names.get(self.arch, self.arch) + att
+        att = {None: "", "l2": " + L2 SA", "l2-tight": " + L2-tight SA", "lipnorm": " + LipNorm SA",
+               "dot": " + dot SA"}[self.attention]
+        options = [f"{name}={value:g}" for name, value in (("Δ", self.delta_max), ("γ₀", self.gamma_init))
+                   if value is not None]
+        return names.get(self.arch, self.arch) + att + (f" ({', '.join(options)})" if options else "")
 
 
-CONVERGENCE_VARIANTS = (Variant("iresnet", None), Variant("iresnet", "l2"), Variant("resflow", None),
-                        Variant("resflow", "l2"), Variant("resflow", "lipnorm"), Variant("idensenet", None),
-                        Variant("idensenet", "l2"))
+CONVERGENCE_VARIANTS = tuple(Variant(arch, att) for arch, atts in (
+    ("iresnet", (None, "l2", "l2-tight")), ("resflow", (None, "l2", "l2-tight", "lipnorm")),
+    ("idensenet", (None, "l2", "l2-tight"))) for att in atts)
 
 # Reference numbers printed in the paper (full-scale models, full data sets): context, not our results.
 PAPER_TABLE1_MNIST = {("iresnet", None): 1.05, ("iresnet", "l2"): 0.87, ("resflow", None): 0.97,
@@ -199,9 +211,11 @@ class RunRecord:
 def train_config(scale: Scale, variant: Variant, seed: int, task: str = "density",
                  data: Optional[str] = None) -> TrainConfig:
     """The training configuration of ``variant`` at ``scale`` (every run of a scale shares it)."""
+    extra = {k: getattr(variant, k) for k in ("delta_max", "gamma_init") if getattr(variant, k) is not None}
     return TrainConfig(data=data or scale.data, arch=variant.arch, attention=variant.attention, heads=variant.heads,
                        task=task, steps=scale.steps, batch_size=scale.batch_size, warmup=scale.warmup, seed=seed,
-                       eval_every=scale.eval_every, eval_size=scale.eval_size, n_exact_eval=scale.n_exact_eval)
+                       eval_every=scale.eval_every, eval_size=scale.eval_size, n_exact_eval=scale.n_exact_eval,
+                       **extra)
 
 
 def run_key(cfg: TrainConfig) -> str:
@@ -330,6 +344,17 @@ def mean_std(values: Iterable, spec: str = ".4f") -> str:
     if len(finite) > 1:
         text += " ± " + format(statistics.stdev(finite), spec.lstrip("+"))  # a sign on the mean only
     return text + (f" ({len(finite)}/{total} finite)" if len(finite) < total else "")
+
+
+def mean_se(values: Iterable, spec: str = "+.4f") -> str:
+    """``"mean ± standard error (n)"`` of the finite values: how a paired difference is reported."""
+    finite, total = _finite(values)
+    if not finite:
+        return "non-finite" if total else "n/a"
+    text = format(statistics.fmean(finite), spec)
+    if len(finite) > 1:
+        text += " ± " + format(statistics.stdev(finite) / math.sqrt(len(finite)), spec.lstrip("+"))
+    return text + f" (n={len(finite)}" + (f" of {total})" if len(finite) < total else ")")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -474,7 +499,7 @@ def _plot_series(ax, xs: Sequence[float], groups: Sequence[Sequence[float]], lab
 # Model probes
 # ---------------------------------------------------------------------------------------------
 
-ATTENTION_TYPES = (L2MultiheadAttention, LipNormAttention, DotProductAttention)
+ATTENTION_TYPES = (L2MultiheadAttention, L2TightAttention, LipNormAttention, DotProductAttention)
 
 
 def _load(rec: RunRecord) -> tuple[ACFModel, ImageDataset]:
@@ -491,6 +516,37 @@ def first_attention_block(model: ACFModel) -> ContractiveBlock:
         if isinstance(m, ContractiveBlock) and any(isinstance(a, ATTENTION_TYPES) for a in m.g.modules()):
             return m
     raise ValueError("the model has no attention layer")
+
+
+@torch.no_grad()
+def attention_shares(model: ACFModel, x: torch.Tensor) -> list[float]:
+    """For each attention layer, on the inputs it actually receives when ``model`` runs on ``x``: the
+    attention's share of the layer's output before normalisation, ``||gamma F / L|| / ||X||`` (0: the
+    layer is the identity; ``(X + gamma F / L) / (1 + |gamma|)`` is what it returns)."""
+    shares: list[float] = []
+
+    def measure(layer: torch.nn.Module, inputs: tuple) -> None:
+        xt = inputs[0].flatten(2)
+        f = layer.attend(xt)
+        shares.append(float(layer.gamma.abs() * f.norm() / xt.norm().clamp_min(1e-30)))
+
+    handles = [m.register_forward_pre_hook(measure) for m in model.modules() if isinstance(m, ATTENTION_TYPES)]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return shares
+
+
+def _attention_columns(rec: RunRecord, scale: Scale) -> dict:
+    """Mean and largest attention share (``attention_shares``) of a finished run on test images."""
+    if rec.cfg.attention is None or not (rec.path / "checkpoint.pt").exists():
+        return {}
+    model, test = _load(rec)
+    torch.manual_seed(0)
+    shares = attention_shares(model, uniform_dequantize(_test_batch(test, scale.share_images)))
+    return {"attention_share": statistics.fmean(shares), "attention_share_max": max(shares)}
 
 
 class _Captured(Exception):
@@ -605,12 +661,16 @@ def convergence(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced
     ctx = _start("convergence", out, scale, seeds, progress)
     rows = []
     for v, rec in convergence_runs(ctx):
-        ident = {**_variant_columns(v), "seed": rec.cfg.seed}
-        for h in rec.history or [{}]:
-            rows.append({**ident, "step": h.get("step"), "train_bpd": h.get("train_bpd"),
-                         "test_bpd": h.get("test_bpd"), "train_seconds": h.get("seconds"),
-                         "lipschitz_max": h.get("lipschitz_max"), **_run_columns(rec, ctx.root)})
+        rows += _curve_rows(ctx, v, rec)
     return _finish(ctx, rows, _convergence_md, _convergence_png)
+
+
+def _curve_rows(ctx: _Context, v: Variant, rec: RunRecord) -> list[dict]:
+    """One row per evaluation of a run (its test bits/dim curve), with the run's attention share."""
+    ident = {**_variant_columns(v), "seed": rec.cfg.seed, **_attention_columns(rec, ctx.scale)}
+    return [{**ident, "step": h.get("step"), "train_bpd": h.get("train_bpd"), "test_bpd": h.get("test_bpd"),
+             "train_seconds": h.get("seconds"), "lipschitz_max": h.get("lipschitz_max"), **_run_columns(rec, ctx.root)}
+            for h in rec.history or [{}]]
 
 
 def _paired_delta(finals: list[dict], row: dict) -> list[float]:
@@ -620,29 +680,47 @@ def _paired_delta(finals: list[dict], row: dict) -> list[float]:
             if r["variant"] == row["variant"] and r["seed"] in base and None not in (r["test_bpd"], base[r["seed"]])]
 
 
-def _convergence_md(ctx: _Context, rows: list[dict]) -> str:
+def _attention_cells(runs: list[dict]) -> list[str]:
+    """``max |gamma|`` and the attention's share of its layer's output, mean ± std over seeds."""
+    if runs[0]["attention"] == "none":
+        return ["", ""]
+    return [mean_std((r["gamma_max_abs"] for r in runs), ".1e"),
+            mean_std((r.get("attention_share") for r in runs), ".1e")]
+
+
+ATTENTION_HEADER = ["attention max |gamma|", "attention share"]
+ATTENTION_NOTE = ("Attention max |gamma|: the largest learnt weight of an attention layer, out = (X + gamma F / L) "
+                  "/ (1 + |gamma|); near 0 the layer is the identity. Attention share: ||gamma F / L|| / ||X|| on "
+                  "test images at the layer's actual input, averaged over the model's attention layers.")
+
+
+def _curves_table(rows: list[dict], paper: bool) -> str:
+    """Per variant: bits/dim at the first evaluation and at the end, the paired difference to the same
+    architecture without attention, the attention's weight and share, time (and the paper's number)."""
     finals = final_rows(rows, "variant", "seed")
     first_step = min(r["step"] for r in rows if r["step"] is not None)
     body = []
     for (variant,), runs in group(finals, "variant").items():
         r0 = runs[0]
         firsts = [r["test_bpd"] for r in rows if r["variant"] == variant and r["step"] == first_step]
-        delta = "" if r0["attention"] == "none" else mean_std(_paired_delta(finals, r0), "+.4f")
-        paper = PAPER_TABLE1_MNIST.get((r0["arch"], None if r0["attention"] == "none" else r0["attention"]))
-        gamma = "" if r0["attention"] == "none" else mean_std((r["gamma_max_abs"] for r in runs), ".1e")
+        delta = "" if r0["attention"] == "none" else mean_se(_paired_delta(finals, r0))
+        number = PAPER_TABLE1_MNIST.get((r0["arch"], None if r0["attention"] == "none" else r0["attention"]))
         body.append([variant, len(runs), sum(r["status"] != "ok" for r in runs), mean_std(firsts),
-                     mean_std(r["test_bpd"] for r in runs), delta, gamma, mean_std(r["train_bpd"] for r in runs),
-                     mean_std((r["train_seconds"] for r in runs), ".0f"), "-" if paper is None else f"{paper:.2f}"])
+                     mean_std(r["test_bpd"] for r in runs), delta, *_attention_cells(runs),
+                     mean_std(r["train_bpd"] for r in runs), mean_std((r["train_seconds"] for r in runs), ".0f")]
+                    + (["-" if number is None else f"{number:.2f}"] if paper else []))
     header = ["variant", "seeds", "failed", f"test bpd @ step {first_step}", "final test bpd",
-              "Δ vs no attention (paired by seed)", "attention max |gamma|", "final train bpd", "train seconds / run",
-              "paper MNIST (Table 1)"]
+              "Δ vs no attention (paired by seed, ± SE)", *ATTENTION_HEADER, "final train bpd",
+              "train seconds / run"] + (["paper MNIST (Table 1)"] if paper else [])
+    return markdown_table(header, body)
+
+
+def _convergence_md(ctx: _Context, rows: list[dict]) -> str:
     return (ctx.header("Convergence with and without attention (paper Table 1, Fig. 3)",
                        "Claim: attention improves bits/dim of every contractive flow and converges faster.")
-            + markdown_table(header, body)
-            + "\n\nΔ < 0: attention lowers bits/dim. Attention max |gamma|: the largest learnt weight of an "
-              "attention layer, out = (X + gamma F / L) / (1 + |gamma|); near 0 the layer is the identity and "
-              "the model computes the same function as its no-attention twin (the runs then differ only by "
-              "their initialisation). Spread: sample std over seeds. The paper's numbers are for "
+            + _curves_table(rows, paper=True)
+            + "\n\nΔ < 0: attention lowers bits/dim (mean of the per-seed differences ± its standard error). "
+            + ATTENTION_NOTE + " Spread elsewhere: sample std over seeds. The paper's numbers are for "
               "full-size models trained to convergence on full MNIST; ours are small CPU models after a few "
               "hundred steps on MNIST-5k, so only the comparison within a row group is meaningful.")
 
@@ -677,44 +755,50 @@ def heads(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced", see
     are the convergence runs). The paper finds 4 heads best on MNIST (0.90 vs 0.99 for one head)."""
     ctx = _start("heads", out, scale, seeds, progress)
     rows = []
-    for h in ctx.scale.heads:
-        v = Variant("resflow", "l2", h)
-        for seed in range(ctx.scale.seeds):
-            owner = "convergence" if v in CONVERGENCE_VARIANTS else "heads"
-            rec = ctx.run(owner, train_config(ctx.scale, v, seed))
-            rows.append(_summary_row(rec, ctx.root, {"heads": h}))
+    for att in ("l2", "l2-tight"):
+        for h in ctx.scale.heads:
+            v = Variant("resflow", att, h)
+            for seed in range(ctx.scale.seeds):
+                owner = "convergence" if v in CONVERGENCE_VARIANTS else "heads"
+                rec = ctx.run(owner, train_config(ctx.scale, v, seed))
+                rows.append(_summary_row(rec, ctx.root, {"attention": att, "heads": h,
+                                                         **_attention_columns(rec, ctx.scale)}))
     return _finish(ctx, rows, _heads_md, _heads_png)
 
 
 def _heads_md(ctx: _Context, rows: list[dict]) -> str:
     body = []
-    for (h,), runs in group(rows, "heads").items():
-        paper = [f"{x:.2f}" for x in PAPER_TABLE2[h]] if h in PAPER_TABLE2 else ["-", "-"]
-        body.append([h, len(runs), sum(r["status"] != "ok" for r in runs), mean_std(r["test_bpd"] for r in runs),
-                     mean_std((r["gamma_max_abs"] for r in runs), ".1e"), mean_std(r["train_bpd"] for r in runs),
+    for (att, h), runs in group(rows, "attention", "heads").items():
+        paper = [f"{x:.2f}" for x in PAPER_TABLE2[h]] if h in PAPER_TABLE2 and att == "l2" else ["-", "-"]
+        body.append([att, h, len(runs), sum(r["status"] != "ok" for r in runs), mean_std(r["test_bpd"] for r in runs),
+                     *_attention_cells(runs), mean_std(r["train_bpd"] for r in runs),
                      mean_std((r["train_seconds"] for r in runs), ".0f"), *paper])
-    header = ["heads", "seeds", "failed", "final test bpd", "attention max |gamma|", "final train bpd",
+    header = ["attention", "heads", "seeds", "failed", "final test bpd", *ATTENTION_HEADER, "final train bpd",
               "train seconds / run", "paper MNIST", "paper CIFAR10"]
     return (ctx.header("Number of attention heads (paper Table 2)",
                        "Claim: multi-head L2 attention beats a single head (best: 4 heads on MNIST).")
             + markdown_table(header, body)
-            + "\n\nResidual Flow + L2 attention; the paper's columns are full-scale results.")
+            + "\n\nResidual Flow + L2 attention (Kim et al.'s bound) or L2-tight attention (grouped heads: "
+              "each head attends over its own channels; one head is one map over all of them). "
+            + ATTENTION_NOTE + " The paper's columns are full-scale results for L2 attention.")
 
 
 def _heads_png(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 4))
     hs = sorted({r["heads"] for r in rows})
-    vals = [[r["test_bpd"] for r in rows if r["heads"] == h and r["test_bpd"] is not None] for h in hs]
-    means = [statistics.fmean(v) if v else float("nan") for v in vals]
-    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-    ax.errorbar(hs, means, yerr=stds, marker="o", capsize=4, label="mean ± std")
-    for h, v in zip(hs, vals):
-        ax.scatter([h] * len(v), v, color="gray", s=12, zorder=3)
+    for i, (att,) in enumerate(group(rows, "attention")):
+        vals = [[r["test_bpd"] for r in rows if r["heads"] == h and r["attention"] == att
+                 and r["test_bpd"] is not None] for h in hs]
+        means = [statistics.fmean(v) if v else float("nan") for v in vals]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        ax.errorbar(hs, means, yerr=stds, marker="o", capsize=4, label=f"{att}: mean ± std", color=f"C{i}")
+        for h, v in zip(hs, vals):
+            ax.scatter([h] * len(v), v, color=f"C{i}", s=12, zorder=3, alpha=0.5)
     ax.set_xscale("log", base=2)
     ax.set_xticks(hs, [str(h) for h in hs])
     ax.set_xlabel("heads")
     ax.set_ylabel("final test bits/dim")
-    ax.set_title("ResFlow + L2 attention: heads")
+    ax.set_title("ResFlow + attention: heads")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -957,7 +1041,7 @@ def classification(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "redu
     ctx = _start("classification", out, scale, seeds, progress)
     rows = []
     for data in ctx.scale.classification_data:
-        for att in (None, "l2"):
+        for att in (None, "l2", "l2-tight"):
             for seed in range(ctx.scale.seeds):
                 rec = ctx.run("classification", train_config(ctx.scale, Variant("iresnet", att), seed, "hybrid", data))
                 acc, n = None, None
@@ -972,17 +1056,22 @@ def classification(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "redu
 
 
 def _classification_md(ctx: _Context, rows: list[dict]) -> str:
-    body = [[data, f"i-ResNet{'' if att == 'none' else ' + ' + att.upper() + ' SA'}", len(runs),
-             mean_std((100 * r["accuracy"] for r in runs if r["accuracy"] is not None), ".2f"),
-             mean_std(r["test_bpd"] for r in runs),
-             "" if att == "none" else mean_std((r["gamma_max_abs"] for r in runs), ".1e"),
-             mean_std((r["train_seconds"] for r in runs), ".0f")]
-            for (data, att), runs in group(rows, "data", "attention").items()]
+    body = []
+    for (data, att), runs in group(rows, "data", "attention").items():
+        base = {r["seed"]: r["accuracy"] for r in rows if r["data"] == data and r["attention"] == "none"}
+        paired = [100 * (r["accuracy"] - base[r["seed"]]) for r in runs
+                  if att != "none" and None not in (r["accuracy"], base.get(r["seed"]))]
+        body.append([data, Variant("iresnet", None if att == "none" else att).label, len(runs),
+                     mean_std((100 * r["accuracy"] for r in runs if r["accuracy"] is not None), ".2f"),
+                     "" if att == "none" else mean_se(paired, "+.2f"), mean_std(r["test_bpd"] for r in runs),
+                     "" if att == "none" else mean_std((r["gamma_max_abs"] for r in runs), ".1e"),
+                     mean_std((r["train_seconds"] for r in runs), ".0f")])
     paper = ", ".join(f"{k} {v:.2f}%" for k, v in PAPER_TABLE3_CIFAR10.items())
     return (ctx.header("Hybrid classification (paper Table 3)",
                        "Claim: ACF (i-ResNet + L2 attention) classifies better than contractive flows without "
                        "attention.", ", ".join(ctx.scale.classification_data))
-            + markdown_table(["data", "model", "seeds", "test accuracy (%)", "final test bpd",
+            + markdown_table(["data", "model", "seeds", "test accuracy (%)",
+                              "Δ accuracy vs no attention (paired, ± SE)", "final test bpd",
                               "attention max |gamma|", "train seconds / run"], body)
             + f"\n\nAccuracy of the EMA weights on the first {ctx.scale.classification_images} test images "
               f"(at most the whole test set). Paper, CIFAR10 at full scale: {paper}.")
@@ -994,11 +1083,11 @@ def _classification_png(rows: list[dict], path: Path) -> None:
     for i, ((data, att), runs) in enumerate(groups.items()):
         vals = [100 * r["accuracy"] for r in runs if r["accuracy"] is not None]
         ax.bar(i, statistics.fmean(vals) if vals else 0, yerr=statistics.stdev(vals) if len(vals) > 1 else 0,
-               capsize=4, color="C1" if att != "none" else "C0")
+               capsize=4, color={"none": "C0", "l2": "C1"}.get(att, "C2"))
         ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3)
     ax.set_xticks(range(len(groups)), [f"{d}\n{a}" for d, a in groups])
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("hybrid i-ResNet: without / with L2 attention")
+    ax.set_title("hybrid i-ResNet: without attention, L2, L2-tight")
     ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
@@ -1073,9 +1162,106 @@ def _interpolation_md(ctx: _Context, rows: list[dict]) -> str:
 # Registry and entry point
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# 7. tight: the logit range of L2-tight attention
+# ---------------------------------------------------------------------------------------------
+
+def tight(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced", seeds: Optional[int] = None,
+          progress: bool = True) -> Path:
+    """The logit range ``Delta`` of L2-tight attention, swept once: Residual Flow + L2-tight at each
+    ``Delta`` of the scale against Residual Flow without attention, same seeds (the default ``Delta``'s
+    runs are the convergence runs). A larger ``Delta`` allows sharper attention but costs certificate
+    (``L`` grows with ``f(Delta, N)``)."""
+    ctx = _start("tight", out, scale, seeds, progress)
+    default = TrainConfig().delta_max
+    rows = []
+    for seed in range(ctx.scale.seeds):
+        rec = ctx.run("convergence", train_config(ctx.scale, Variant("resflow", None), seed))
+        rows.append(_summary_row(rec, ctx.root, {"attention": "none", "delta_max": None}))
+    sweep = [(delta, None) for delta in ctx.scale.deltas] + [(default, 1.0)]  # and gamma starting at 1
+    for delta, gamma_init in sweep:
+        for seed in range(ctx.scale.seeds):
+            owner = "convergence" if (delta, gamma_init) == (default, None) else "tight"
+            v = Variant("resflow", "l2-tight", delta_max=delta, gamma_init=gamma_init)
+            rec = ctx.run(owner, train_config(ctx.scale, v, seed))
+            rows.append(_summary_row(rec, ctx.root, {"attention": "l2-tight", "delta_max": delta,
+                                                     "gamma_init": gamma_init or 0.0,
+                                                     "f_196": l2_tight_constant(delta, 196),
+                                                     **_attention_columns(rec, ctx.scale)}))
+    return _finish(ctx, rows, _tight_md, _tight_png)
+
+
+def _tight_md(ctx: _Context, rows: list[dict]) -> str:
+    base = {r["seed"]: r["test_bpd"] for r in rows if r["attention"] == "none"}
+    body = []
+    for (delta, gamma_init), runs in group([r for r in rows if r["attention"] != "none"], "delta_max",
+                                           "gamma_init").items():
+        paired = [r["test_bpd"] - base[r["seed"]] for r in runs if None not in (r["test_bpd"], base.get(r["seed"]))]
+        body.append([f"{delta:g}", f"{gamma_init:g}", f"{runs[0]['f_196']:.2f}", len(runs),
+                     mean_std(r["test_bpd"] for r in runs), mean_se(paired), *_attention_cells(runs),
+                     mean_std((r["train_seconds"] for r in runs), ".0f")])
+    return (ctx.header("The logit range of L2-tight attention",
+                       "Question: does a wider logit range (sharper attention, a looser certificate) help, and "
+                       "what does attention that starts switched on (gamma = 1) do?")
+            + markdown_table(["Δ_max", "initial gamma", "f(Δ, 196)", "seeds", "final test bpd",
+                              "Δ bpd vs no attention (paired, ± SE)", *ATTENTION_HEADER, "train seconds / run"], body)
+            + f"\n\nResidual Flow + L2-tight attention (4 grouped heads); no attention: "
+              f"{mean_std(base.values())}. f(Δ, N): the certificate's factor, L = f ||M||, at the first "
+              f"scale's N = 196. " + ATTENTION_NOTE)
+
+
+def _tight_png(rows: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    runs = [r for r in rows if r["attention"] != "none" and not r["gamma_init"]]
+    deltas = sorted({r["delta_max"] for r in runs})
+    for ax, key, label in ((axes[0], "test_bpd", "final test bits/dim"), (axes[1], "attention_share", "attention share")):
+        vals = [[r[key] for r in runs if r["delta_max"] == d and r.get(key) is not None] for d in deltas]
+        ax.errorbar(deltas, [statistics.fmean(v) if v else float("nan") for v in vals],
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals], marker="o", capsize=4,
+                    label="ResFlow + L2-tight")
+        if key == "test_bpd":
+            none = [r["test_bpd"] for r in rows if r["attention"] == "none" and r["test_bpd"] is not None]
+            if none:
+                ax.axhline(statistics.fmean(none), color="gray", linestyle="--", label="no attention")
+        ax.set_xlabel("Δ_max")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("L2-tight attention: logit range")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. long: the comparison beyond one epoch
+# ---------------------------------------------------------------------------------------------
+
+def long(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced", seeds: Optional[int] = None,
+         progress: bool = True) -> Path:
+    """Each architecture without and with L2-tight attention for the scale's ``long_steps`` (13 epochs
+    of MNIST-5k at the reduced scale), so that the comparison is not made after one epoch."""
+    s = get_scale(scale, seeds)
+    ctx = _start("long", out, replace(s, steps=s.long_steps, eval_every=s.long_eval_every), seeds, progress)
+    rows = []
+    for arch in ("iresnet", "resflow", "idensenet"):
+        for att in (None, "l2-tight"):
+            for seed in range(ctx.scale.seeds):
+                v = Variant(arch, att)
+                rows += _curve_rows(ctx, v, ctx.run("long", train_config(ctx.scale, v, seed)))
+    return _finish(ctx, rows, _long_md, _convergence_png)
+
+
+def _long_md(ctx: _Context, rows: list[dict]) -> str:
+    return (ctx.header("Longer runs: with and without L2-tight attention",
+                       "Question: does attention that can act (L2-tight) change bits/dim once training is "
+                       "past its first epoch?")
+            + _curves_table(rows, paper=False)
+            + "\n\nΔ < 0: attention lowers bits/dim (mean of the per-seed differences ± its standard error). "
+            + ATTENTION_NOTE)
+
+
 EXPERIMENTS: dict[str, Callable[..., Path]] = {
     "convergence": convergence, "heads": heads, "awgn": awgn, "dot": dot, "classification": classification,
-    "interpolation": interpolation,
+    "interpolation": interpolation, "tight": tight, "long": long,
 }
 
 
@@ -1099,7 +1285,7 @@ def _marker(name: str) -> tuple[str, str]:
 
 TABLES: dict[str, Callable[[_Context, list[dict]], str]] = {
     "convergence": _convergence_md, "heads": _heads_md, "awgn": _awgn_md, "dot": _dot_md,
-    "classification": _classification_md, "interpolation": _interpolation_md,
+    "classification": _classification_md, "interpolation": _interpolation_md, "tight": _tight_md, "long": _long_md,
 }
 
 

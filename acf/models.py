@@ -16,14 +16,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import check_coefficient, check_image, check_int, check_real
+from ._checks import check_choice, check_coefficient, check_image, check_int, check_real
 from .block import ContractiveBlock
 from .branches import BRANCHES, resflow_branch
 from .flow import ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob
 from .logdet import LogdetEstimator
 from .spectral_norm import refresh_spectral_norms
 
-ATTENTION_CHOICES = (None, "l2", "lipnorm", "dot")
+ATTENTION_CHOICES = (None, "l2", "l2-tight", "lipnorm", "dot")
+HEAD_LAYOUTS = ("grouped", "multihead")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class ModelConfig:
     logit_alpha: float = 1e-6
     n_classes: Optional[int] = None  # hybrid model: a linear classifier on z
     estimator: LogdetEstimator = field(default_factory=LogdetEstimator)
+    gamma_init: float = 0.0          # attention: initial gamma (0: the layer starts as the identity)
+    delta_max: float = 0.5           # "l2-tight" attention: logit range, ball radius, head layout
+    ball_radius: float = 1.0
+    head_layout: str = "grouped"
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or self.arch not in BRANCHES:
@@ -69,6 +74,10 @@ class ModelConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_coefficient(check_real(self.coeff, "coeff"))
         check_real(self.logit_alpha, "logit_alpha", low=0.0, high=0.5, high_open=True)
+        check_real(self.gamma_init, "gamma_init")
+        check_real(self.delta_max, "delta_max", low=0.0, high=20.0, low_open=True)
+        check_real(self.ball_radius, "ball_radius", low=0.0, low_open=True)
+        check_choice(self.head_layout, "head_layout", HEAD_LAYOUTS)
         if not isinstance(self.estimator, LogdetEstimator):
             raise TypeError(f"estimator must be a LogdetEstimator, got {type(self.estimator).__name__}")
 
@@ -113,9 +122,18 @@ def n_squeezes(cfg: ModelConfig) -> int:
     return cfg.n_scales - (0 if cfg.squeeze_first else 1)
 
 
+def attention_options(cfg: ModelConfig) -> dict:
+    """The options of ``make_attention`` for the configured attention layer, beyond channels and heads."""
+    options: dict = {"gamma_init": cfg.gamma_init}
+    if cfg.attention == "l2-tight":
+        options.update(delta_max=cfg.delta_max, radius=cfg.ball_radius, layout=cfg.head_layout)
+    return options
+
+
 def _branch(cfg: ModelConfig, channels: int, hw: tuple[int, int]) -> nn.Module:
     kw = {"growth": cfg.growth, "depth": cfg.depth} if cfg.arch == "idensenet" else {"hidden": cfg.hidden}
-    return BRANCHES[cfg.arch](channels, hw, coeff=cfg.coeff, attention=cfg.attention, heads=cfg.heads, **kw)
+    return BRANCHES[cfg.arch](channels, hw, coeff=cfg.coeff, attention=cfg.attention, heads=cfg.heads,
+                              attention_options=attention_options(cfg), **kw)
 
 
 def _block(cfg: ModelConfig, g: nn.Module) -> ContractiveBlock:

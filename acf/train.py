@@ -32,7 +32,7 @@ from .branches import BRANCHES
 from .data import DATASETS, epoch_seed, load_dataset, to_float
 from .flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from .logdet import GRADS, LogdetEstimator
-from .models import ATTENTION_CHOICES, PRESETS, ACFModel, build_model
+from .models import ATTENTION_CHOICES, HEAD_LAYOUTS, PRESETS, ACFModel, build_model
 
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")
 CONFIG, CHECKPOINT = "config.json", "checkpoint.pt"
@@ -68,6 +68,10 @@ class TrainConfig:
     lam: float = 2.0                 # Poisson rate of the roulette
     grad: str = "neumann"            # log-det gradient: neumann, memory_efficient, backprop
     logit_alpha: float = 1e-6
+    gamma_init: float = 0.0          # attention: initial gamma (0: the layer starts as the identity)
+    delta_max: float = 0.5           # "l2-tight" attention: logit range, ball radius, head layout
+    ball_radius: float = 1.0
+    head_layout: str = "grouped"
 
     def __post_init__(self) -> None:
         """Check every field's type and range; errors name the field."""
@@ -87,6 +91,10 @@ class TrainConfig:
         check_real(self.ema_decay, "ema_decay", low=0.0, high=1.0, high_open=True)
         check_real(self.lam, "lam", low=0.0, low_open=True)
         check_real(self.logit_alpha, "logit_alpha", low=0.0, high=0.5, high_open=True)
+        check_real(self.gamma_init, "gamma_init")
+        check_real(self.delta_max, "delta_max", low=0.0, high=20.0, low_open=True)
+        check_real(self.ball_radius, "ball_radius", low=0.0, low_open=True)
+        check_choice(self.head_layout, "head_layout", HEAD_LAYOUTS)
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string, got {self.device!r}")
         try:
@@ -104,7 +112,8 @@ def build_for(cfg: TrainConfig) -> ACFModel:
                           grad=cfg.grad)
     return build_model(cfg.arch, cfg.attention, cfg.heads, info.input_shape, preset=cfg.preset,
                        n_classes=info.n_classes if cfg.task == "hybrid" else None, estimator=est,
-                       logit_alpha=cfg.logit_alpha)
+                       logit_alpha=cfg.logit_alpha, gamma_init=cfg.gamma_init, delta_max=cfg.delta_max,
+                       ball_radius=cfg.ball_radius, head_layout=cfg.head_layout)
 
 
 def _write_metrics(run: Path, history: list[dict]) -> None:
@@ -123,13 +132,18 @@ def config_diff(stored: dict, cfg: TrainConfig) -> dict:
     return {k: (stored.get(k), v) for k, v in asdict(cfg).items() if k != "steps" and stored.get(k) != v}
 
 
+# Settings that runs written before they existed do not store; their defaults reproduce those runs.
+SETTINGS_ADDED_LATER = ("gamma_init", "delta_max", "ball_radius", "head_layout")
+
+
 def config_from_dict(values: object, source: str = "config") -> TrainConfig:
     """A ``TrainConfig`` from a dict of every setting (e.g. a run's config.json): unknown or missing
     settings, wrong types and values out of range raise an error naming the setting and ``source``."""
     if not isinstance(values, dict):
         raise TypeError(f"{source}: the training settings must be a JSON object, got {type(values).__name__}")
     names = [f.name for f in fields(TrainConfig)]
-    unknown, missing = sorted(set(values) - set(names)), [n for n in names if n not in values]
+    unknown = sorted(set(values) - set(names))
+    missing = [n for n in names if n not in values and n not in SETTINGS_ADDED_LATER]
     if unknown or missing:
         raise ValueError(f"{source}: " + "; ".join(
             [f"unknown training setting(s) {unknown}"] * bool(unknown) + [f"missing setting(s) {missing}"] * bool(missing)))

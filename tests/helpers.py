@@ -95,3 +95,56 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
             assert x == y, where
 
     same(torch.load(a, weights_only=True), torch.load(b, weights_only=True), "checkpoint")
+
+
+def adversarial_starts(channels: int, n: int, radius: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Starting points ``X^T`` (``(1, D, N)``, float64) for a search on a layer whose tokens live in a
+    ball of radius ``radius``: Gaussian at two scales, three tight clusters, tokens far outside the
+    ball ("large"), and a "hub" (one token at the ball's edge, the rest near the origin)."""
+    def g(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+    unit = radius / channels ** 0.5
+    centers = g(1, channels, 3) * unit
+    hub = 0.01 * unit * g(1, channels, n)
+    hub[0, 0, 0] = radius
+    return {"gaussian": g(1, channels, n) * unit, "gaussian-small": 0.3 * unit * g(1, channels, n),
+            "clustered": centers[..., torch.randint(0, 3, (n,), generator=gen)] + 0.05 * unit * g(1, channels, n),
+            "large": 10 * unit * g(1, channels, n), "hub": hub}
+
+
+def jacobian_norm_ascent(fn, x0: torch.Tensor, steps: int = 30, iters: int = 10, lr: float = 0.05,
+                         seed: int = 0) -> torch.Tensor:
+    """Largest ``||J_fn(x)||_2`` found by gradient ascent from each start of the batch ``x0`` (samples
+    independent, float64): power iteration on ``J^T J`` (``jvp``, then ``vjp``) for the top right
+    singular vector ``v``, then an Adam step on ``x`` along the gradient of ``||J(x) v||``. Returns the
+    best value per start (a lower bound of the Lipschitz constant)."""
+    from torch.func import grad, jvp, vjp
+
+    def per_sample(t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1).norm(dim=1)
+
+    def power(x: torch.Tensor, v: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(k):
+            _, jv = jvp(fn, (x,), (v,))
+            (w,) = vjp(fn, x)[1](jv)
+            v = w / per_sample(w).clamp_min(1e-300).view(-1, *[1] * (x.dim() - 1))
+        _, jv = jvp(fn, (x,), (v,))
+        return per_sample(jv), v
+
+    gen = torch.Generator().manual_seed(seed)
+    x = x0.detach().clone()
+    v = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    v = v / per_sample(v).view(-1, *[1] * (x.dim() - 1))
+    best, v = power(x, v, 3 * iters)
+    step = lr * per_sample(x0).mean() / x0[0].numel() ** 0.5
+    opt = torch.optim.Adam([x.requires_grad_(True)], lr=float(step))
+    for _ in range(steps):
+        sigma, v = power(x.detach(), v, iters)
+        best = torch.maximum(best, sigma)
+        v_fixed = v.detach()
+        g = grad(lambda t: jvp(fn, (t,), (v_fixed,))[1].flatten(1).norm(dim=1).sum())(x.detach())
+        opt.zero_grad()
+        x.grad = -g
+        opt.step()
+    sigma, _ = power(x.detach(), v, 3 * iters)
+    return torch.maximum(best, sigma).detach()

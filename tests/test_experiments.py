@@ -55,16 +55,19 @@ def test_convergence(out):
     assert finite(r["test_bpd"] for r in rows) and all(0 < r["test_bpd"] < 16 for r in rows)
     assert all(r["status"] == "ok" and r["lipschitz_max"] < 1 for r in rows)
     assert all((r["gamma_max_abs"] is None) == (r["attention"] == "none") for r in rows)
+    assert all((r["attention_share"] is None) == (r["attention"] == "none") for r in rows)
+    assert all(r["attention_share"] >= 0 for r in rows if r["attention"] != "none")
     assert len(table_rows(md)) == N_VARIANTS and "Table 1" in md and "convergence.csv" in md
+    assert "± SE" in md and "(n=1)" in md
     assert meta["runs_trained"] + meta["runs_reused"] == N_VARIANTS * s.seeds
 
 
 def test_heads_reuses_the_convergence_runs(out):
     rows, md, _ = outputs(out, "heads")
-    assert [r["heads"] for r in rows] == list(ex.MICRO.heads)
-    four = next(r for r in rows if r["heads"] == 4)
-    assert four["reused"] == 1 and four["run"].startswith("convergence/runs/")
-    assert finite(r["test_bpd"] for r in rows) and len(table_rows(md)) == len(ex.MICRO.heads)
+    assert [(r["attention"], r["heads"]) for r in rows] == [(a, h) for a in ("l2", "l2-tight") for h in ex.MICRO.heads]
+    for four in (r for r in rows if r["heads"] == 4):
+        assert four["reused"] == 1 and four["run"].startswith("convergence/runs/")
+    assert finite(r["test_bpd"] for r in rows) and len(table_rows(md)) == 2 * len(ex.MICRO.heads)
 
 
 def test_awgn(out):
@@ -97,10 +100,31 @@ def test_dot(out):
 
 def test_classification(out):
     rows, md, _ = outputs(out, "classification")
-    assert len(rows) == len(ex.MICRO.classification_data) * 2 * ex.MICRO.seeds
-    assert {r["attention"] for r in rows} == {"none", "l2"}
+    assert len(rows) == len(ex.MICRO.classification_data) * 3 * ex.MICRO.seeds
+    assert {r["attention"] for r in rows} == {"none", "l2", "l2-tight"}
     assert all(0 <= r["accuracy"] <= 1 for r in rows) and finite(r["test_bpd"] for r in rows)
-    assert len(table_rows(md)) == len(ex.MICRO.classification_data) * 2
+    assert len(table_rows(md)) == len(ex.MICRO.classification_data) * 3
+
+
+def test_tight_sweeps_the_logit_range(out):
+    rows, md, _ = outputs(out, "tight")
+    s = ex.MICRO
+    default = ex.TrainConfig().delta_max
+    assert [r["delta_max"] for r in rows] == [None] * s.seeds + [d for d in s.deltas + (default,) for _ in range(s.seeds)]
+    assert [r["gamma_init"] for r in rows[-s.seeds:]] == [1.0] * s.seeds  # attention switched on from the start
+    assert all(r["reused"] == 1 for r in rows if r["delta_max"] is None)  # the convergence runs
+    assert all(r["f_196"] > 1 and r["attention_share"] >= 0 for r in rows if r["delta_max"] is not None)
+    assert all(r["attention_share"] > 0 for r in rows[-s.seeds:])
+    assert len(table_rows(md)) == len(s.deltas) + 1 and "paired" in md
+
+
+def test_long_runs_every_architecture_with_and_without_l2_tight(out):
+    rows, md, meta = outputs(out, "long")
+    s = ex.MICRO
+    assert meta["scale"]["steps"] == s.long_steps and meta["runs_trained"] == 6 * s.seeds
+    assert {(r["arch"], r["attention"]) for r in rows} == {(a, t) for a in ("iresnet", "resflow", "idensenet")
+                                                           for t in ("none", "l2-tight")}
+    assert max(r["step"] for r in rows) == s.long_steps and len(table_rows(md)) == 6
 
 
 def test_interpolation(out):
