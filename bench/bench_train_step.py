@@ -7,8 +7,9 @@
 The workload is the default ``acf train`` step: Residual Flow, CPU preset, MNIST-5k, batch 64,
 Russian-roulette log-det with the Neumann gradient (so each step runs the attention forward, about
 six VJPs and one double VJP per attention layer). Variants, side by side in one run:
-``none`` (no attention), ``l2-cpu`` (L2 attention on ``acf._C``'s CPU kernels: what ``auto`` picks)
-and ``l2-reference`` (L2 attention on the materialising PyTorch reference). Every timed step
+``none`` (no attention), ``l2-cpu`` (L2 attention on ``acf._C``'s CPU kernels: what ``auto`` picks),
+``l2-tight-cpu`` (L2-tight attention on the same kernels) and ``l2-reference`` (L2 attention on the
+materialising PyTorch reference). Every timed step
 re-seeds the global generator, so all variants draw the same number of log-det terms.
 
 ``--legacy-sn`` adds ``none+legacy-sn`` and ``l2-cpu+legacy-sn``: the same steps under the spectral
@@ -32,7 +33,8 @@ from acf.ops import spectral_norms
 from acf.spectral_norm import _SpectralNormalized
 from acf.train import TrainConfig, Trainer
 
-VARIANTS = {"none": (None, None), "l2-cpu": ("l2", "cpu"), "l2-reference": ("l2", "reference")}
+VARIANTS = {"none": (None, None), "l2-cpu": ("l2", "cpu"), "l2-tight-cpu": ("l2-tight", "cpu"),
+            "l2-reference": ("l2", "reference")}
 RESULTS: dict[str, float] = {}
 
 
@@ -87,7 +89,7 @@ def _summary():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_train_step(benchmark, variant):
-    if variant == "l2-cpu" and not cpu_kernels_available():
+    if variant.endswith("-cpu") and not cpu_kernels_available():
         pytest.skip("acf._C (CPU attention kernels) not built")
     benchmark.group = "training step, CPU preset"
     trainer = make_trainer(variant)
@@ -100,7 +102,7 @@ def test_train_step(benchmark, variant):
 def main(rounds: int = 5, repeats: int = 1, legacy_sn: bool = False) -> list[dict[str, float]]:
     """Interleave the variants round by round (fairer on a shared machine), ``repeats`` times;
     print each summary and return the best-of-rounds seconds per variant of each repeat."""
-    names = [v for v in VARIANTS if v != "l2-cpu" or cpu_kernels_available()]
+    names = [v for v in VARIANTS if not v.endswith("-cpu") or cpu_kernels_available()]
     if legacy_sn:
         names += [v + "+legacy-sn" for v in names if v != "l2-reference"]
     trainers = {v: make_trainer(v) for v in names}
