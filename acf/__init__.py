@@ -4,30 +4,30 @@ Contractive residual flows (i-ResNet, Residual Flow, invertible DenseNet) whose 
 branches may carry Lipschitz-constrained self-attention (L2 multi-head attention with tied keys,
 or LipschitzNorm dot-product attention), with certified Lipschitz bounds.
 """
-from .attention import (DotProductAttention, L2MultiheadAttention, LipNormAttention, l2_mha_lipschitz_bound,
-                        lipnorm_lipschitz_bound, make_attention)
-from .activations import CLipSwish, ELU, LipSwish
-from .block import CertificateError, ContractiveBlock, LipschitzChain, certified_bounds
-from .branches import idensenet_branch, iresnet_branch, resflow_branch
-from .fixed_point import ConvergenceError, FixedPointInfo
-from .flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob,
-                   uniform_dequantize)
-from .functional import l2_attention
 from .data import DATASETS, load_dataset
-from .logdet import LogdetEstimator, exact_logdet, logdet_estimate
+from .layers.activations import CLipSwish, ELU, LipSwish
+from .layers.attention import (DotProductAttention, L2MultiheadAttention, L2TightAttention, LipNormAttention,
+                               l2_mha_lipschitz_bound, l2_tight_constant, lipnorm_lipschitz_bound, make_attention)
+from .layers.block import CertificateError, ContractiveBlock, LipschitzChain, certified_bounds
+from .layers.branches import idensenet_branch, iresnet_branch, resflow_branch
+from .layers.flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob,
+                          uniform_dequantize)
+from .layers.logdet import LogdetEstimator, exact_logdet, logdet_estimate
+from .layers.spectral_norm import SpectralConv2d, SpectralLinear, norm_bounds, refresh_spectral_norms, spectral_norm
 from .models import ACFModel, ModelConfig, build_model
-from .ops import fixed_point_solve, power_iteration, spectral_norms
-from .spectral_norm import SpectralConv2d, SpectralLinear, norm_bounds, refresh_spectral_norms, spectral_norm
+from .ops.fixed_point import ConvergenceError, FixedPointInfo, fixed_point_solve
+from .ops.l2_attention import l2_attention
+from .ops.power_iteration import power_iteration, spectral_norms
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACFModel", "CertificateError", "DATASETS", "ModelConfig", "build_model", "load_dataset",
     "ActNorm", "CLipSwish", "ContractiveBlock", "ConvergenceError", "DotProductAttention", "ELU",
-    "FixedPointInfo", "L2MultiheadAttention", "LipNormAttention", "LipSwish", "LipschitzChain",
+    "FixedPointInfo", "L2MultiheadAttention", "L2TightAttention", "LipNormAttention", "LipSwish", "LipschitzChain",
     "LogdetEstimator", "LogitTransform", "SequentialFlow", "SpectralConv2d", "SpectralLinear", "Squeeze",
     "bits_per_dim", "certified_bounds", "exact_logdet", "fixed_point_solve", "idensenet_branch", "iresnet_branch",
-    "l2_attention", "l2_mha_lipschitz_bound", "lipnorm_lipschitz_bound", "logdet_estimate",
+    "l2_attention", "l2_mha_lipschitz_bound", "l2_tight_constant", "lipnorm_lipschitz_bound", "logdet_estimate",
     "make_attention", "norm_bounds", "power_iteration", "refresh_spectral_norms", "resflow_branch", "spectral_norm",
     "spectral_norms", "standard_normal_logprob",
     "uniform_dequantize",

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from .branches import BRANCHES
-from .flow import bits_per_dim, uniform_dequantize
+from .layers.branches import BRANCHES
+from .layers.flow import bits_per_dim, uniform_dequantize
 from .data import DATASETS
 from .models import PRESETS, build_model
 
@@ -200,7 +200,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .ops import format_backend_info
+    from .ops.backends import format_backend_info
 
     print(format_backend_info())
     return 0

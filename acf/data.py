@@ -61,7 +61,7 @@ epoch ``e`` is a permutation drawn from ``SeedSequence([seed, e])``, so it depen
 ``loader.sampler.set_epoch(epoch, start_batch=next_batch)``, or simply iterates
 :func:`endless_batches`, which yields ``(epoch, batch_index, (x, y))`` from a given position.
 Images come out as uint8; :func:`to_float` maps them to ``k / 255`` in ``[0, 1]``, the input
-that :func:`acf.flow.uniform_dequantize` expects.
+that :func:`acf.layers.flow.uniform_dequantize` expects.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from . import runfolder
 from ._checks import check_int
 from .data import ImageDataset, load_dataset, to_float
 from .figures import save_figure, save_grid
-from .flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
+from .layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from .models import ACFModel
 from .train import CHECKPOINT, CONFIG, TrainConfig, build_for, read_run_config
 

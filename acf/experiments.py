@@ -57,14 +57,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from .attention import (DotProductAttention, L2MultiheadAttention, L2TightAttention, LipNormAttention,  # noqa: E402
+from .layers.attention import (DotProductAttention, L2MultiheadAttention, L2TightAttention, LipNormAttention,  # noqa: E402
                         l2_tight_constant)
-from .block import ContractiveBlock  # noqa: E402
+from .layers.block import ContractiveBlock  # noqa: E402
 from .data import ImageDataset, to_float  # noqa: E402
 from .evaluate import awgn_robustness, count_nonconverged, interpolations, load_run  # noqa: E402
 from .figures import image_grid  # noqa: E402
-from .flow import bits_per_dim, standard_normal_logprob, uniform_dequantize  # noqa: E402
-from .logdet import LogdetEstimator, exact_logdet, logdet_estimate  # noqa: E402
+from .layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize  # noqa: E402
+from .layers.logdet import LogdetEstimator, exact_logdet, logdet_estimate  # noqa: E402
 from .models import ACFModel  # noqa: E402
 from . import runfolder  # noqa: E402
 from .train import NonFiniteLossError, TrainConfig, train  # noqa: E402

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from .data import to_float  # noqa: E402
-from .flow import uniform_dequantize  # noqa: E402
+from .layers.flow import uniform_dequantize  # noqa: E402
 from .runfolder import atomic_write  # noqa: E402
 
 if TYPE_CHECKING:

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_coefficient, check_image, check_int, check_real
-from .block import ContractiveBlock
-from .branches import BRANCHES, resflow_branch
-from .flow import ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob
-from .logdet import LogdetEstimator
-from .spectral_norm import refresh_spectral_norms
+from .layers.block import ContractiveBlock
+from .layers.branches import BRANCHES, resflow_branch
+from .layers.flow import ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob
+from .layers.logdet import LogdetEstimator
+from .layers.spectral_norm import refresh_spectral_norms
 
 ATTENTION_CHOICES = (None, "l2", "l2-tight", "lipnorm", "dot")
 HEAD_LAYOUTS = ("grouped", "multihead")

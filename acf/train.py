@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from . import distributed, runfolder
 from ._checks import check_choice, check_int, check_optional_str, check_real
-from .block import CertificateError, certified_bounds
-from .branches import BRANCHES
+from .layers.block import CertificateError, certified_bounds
+from .layers.branches import BRANCHES
 from .data import DATASETS, epoch_seed, load_dataset, to_float
-from .flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
-from .logdet import GRADS, LogdetEstimator
+from .layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
+from .layers.logdet import GRADS, LogdetEstimator
 from .models import ATTENTION_CHOICES, HEAD_LAYOUTS, PRESETS, ACFModel, build_model
 
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")

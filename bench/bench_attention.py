@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from acf.functional import cpu_kernels_available, l2_attention, triton_available
+from acf.ops.l2_attention import cpu_kernels_available, l2_attention, triton_available
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -27,7 +27,7 @@ else:
     CONFIGS = [(4, 4, 256, 32), (4, 4, 1024, 16)]
     DTYPES = [torch.float32]
 BACKENDS = (["reference", "sdpa"] + (["triton"] if CUDA and triton_available() else [])
-            + (["cpu"] if not CUDA and cpu_kernels_available() else []))
+            + (["extension"] if not CUDA and cpu_kernels_available() else []))
 
 
 def _sync():
@@ -101,7 +101,7 @@ LOGDET_CONFIGS = [(64, 4, 1024, 16), (64, 4, 4096, 16)] if (CUDA and os.environ.
 @backends
 def test_logdet_series(benchmark, cfg, dtype, backend):
     """One real ACF block (bench/logdet_block.py) with the 8-term log-det series, no graph kept;
-    the attention backend is forced with ``acf.attention.set_attention_backend``."""
+    the attention backend is forced with ``acf.layers.attention.set_attention_backend``."""
     import contextlib
 
     import logdet_block as LB

@@ -6,7 +6,7 @@
 
 1. Refreshing every spectral norm (one power-iteration step per layer, as after each optimizer
    step) of a CIFAR-10 Residual Flow (3x32x32 -> 12x16x16 and 48x8x8, hidden 512, 3x3/1x1/3x3):
-   ``acf.spectral_norm.refresh_spectral_norms`` (one batched call) vs the per-layer Python loop.
+   ``acf.layers.spectral_norm.refresh_spectral_norms`` (one batched call) vs the per-layer Python loop.
 2. Inverting contractive block stacks at tol 1e-6: Anderson (memory 5) vs Banach, g evaluations
    and wall time: (a) real Residual-Flow blocks with every layer at its coefficient 0.90-0.98;
    (b) dense blocks whose Jacobians use their Lipschitz budget 0.90-0.98 (the regime of a trained

@@ -27,13 +27,13 @@ from unittest import mock
 import pytest
 import torch
 
-from acf.attention import set_attention_backend
-from acf.functional import cpu_kernels_available
-from acf.ops import spectral_norms
-from acf.spectral_norm import _SpectralNormalized
+from acf.layers.attention import set_attention_backend
+from acf.ops.l2_attention import cpu_kernels_available
+from acf.ops.power_iteration import spectral_norms
+from acf.layers.spectral_norm import _SpectralNormalized
 from acf.train import TrainConfig, Trainer
 
-VARIANTS = {"none": (None, None), "l2-cpu": ("l2", "cpu"), "l2-tight-cpu": ("l2-tight", "cpu"),
+VARIANTS = {"none": (None, None), "l2-cpu": ("l2", "extension"), "l2-tight-cpu": ("l2-tight", "extension"),
             "l2-reference": ("l2", "reference")}
 RESULTS: dict[str, float] = {}
 
@@ -48,7 +48,7 @@ def _legacy_sigma(layer: _SpectralNormalized) -> torch.Tensor:
 def legacy_spectral_norm():
     """One power-iteration step per training forward and ``sigma = u^T W v`` (no certified bound)."""
     with mock.patch.object(_SpectralNormalized, "sigma", _legacy_sigma), \
-            mock.patch("acf.block.refresh_spectral_norms"), mock.patch("acf.models.refresh_spectral_norms"):
+            mock.patch("acf.layers.block.refresh_spectral_norms"), mock.patch("acf.models.refresh_spectral_norms"):
         yield
 
 

@@ -6,7 +6,7 @@ For each (batch, heads, N, head dim), both backends run side by side: the forwar
 double VJP (the VJP with ``create_graph=True`` differentiated once more), best of a few runs each.
 A training step's mix is one forward, about six VJPs (the log-det power series, the Neumann VJP and
 the backward of the forward) and one double VJP per attention layer; the table reports that
-weighted time and which backend ``auto`` picks (``acf.functional._auto_backend``).
+weighted time and which backend ``auto`` picks (``acf.ops.l2_attention._auto_backend``).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 import torch
 
 from acf.experiments import machine_info
-from acf.functional import _auto_backend, cpu_kernels_available, l2_attention
+from acf.ops.l2_attention import _auto_backend, cpu_kernels_available, l2_attention
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ops_workloads import wall  # noqa: E402
@@ -53,7 +53,7 @@ def table() -> str:
         q = (torch.randn(b, h, n, d) * 0.5).requires_grad_()
         v = torch.randn(b, h, n, d).requires_grad_()
         g = torch.randn(b, h, n, d)
-        cpu, ref = measure("cpu", q, v, g), measure("reference", q, v, g)
+        cpu, ref = measure("extension", q, v, g), measure("reference", q, v, g)
         parts = lambda m: f"{m['fwd']:.1f} / {m['vjp']:.1f} / {m['vjp2']:.1f}"  # noqa: E731
         lines.append(f"| {b} | {h} | {n} | {d} | {parts(cpu)} | {parts(ref)} | {ref['mix'] / cpu['mix']:.2f}x "
                      f"| {_auto_backend(q, v)} |")

@@ -163,7 +163,7 @@ def fitting_batch(backend, batch, heads, n) -> int:
 
 
 def attention_rows(backends, cfg, dtypes, deadline, ops=("fwd", "vjp", "fwd_vjp")):
-    from acf.functional import l2_attention
+    from acf.ops.l2_attention import l2_attention
 
     batch, heads, n, d = cfg
     for dname, dtype in dtypes:
@@ -300,7 +300,7 @@ def warm(shard: int, shards: int) -> int:
     """Compile (by running tiny versions of) this shard's Triton workloads: fills Triton's disk
     cache so that the timed run does not compile. Tiny inputs keep the same specialisation:
     every N, stride and head count used is a multiple of 16 or the same value."""
-    from acf.functional import l2_attention
+    from acf.ops.l2_attention import l2_attention
 
     torch.backends.cuda.matmul.allow_tf32 = True
     jobs = []
@@ -370,7 +370,7 @@ def main() -> int:
                       f"logdet_series: ACF block, {LOGDET_CHANNELS} image channels, hidden = heads*d, "
                       f"8-term series, attention backend forced")
     save()
-    from acf import functional as F
+    from acf.ops import l2_attention as F
 
     backends = list(BACKENDS_ALL) if F.triton_available() else ["sdpa", "reference"]
     if "triton" not in backends:

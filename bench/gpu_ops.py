@@ -6,7 +6,7 @@ Writes ``OUT/gpu_ops.json`` (rewritten after every row, so a run cut short keeps
 
 * op ``spectral_norms``: one refresh (1 power-iteration step) of every spectrally normalised layer
   of a CIFAR-10 Residual Flow; backend ``python`` (per-layer ``layer.refresh``) or ``extension``
-  (``acf.spectral_norm.refresh_spectral_norms``); batch = number of layers, heads = blocks per scale,
+  (``acf.layers.spectral_norm.refresh_spectral_norms``); batch = number of layers, heads = blocks per scale,
   n = hidden channels, d = 1 (steps); extra ``speedup`` on the extension row.
 * op ``fixed_point_inverse``: inverting a 4-block stack at tol 1e-6; backend
   ``<method>-<impl>`` with method banach/anderson and impl reference/extension;
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ops_workloads as W  # noqa: E402
 
 from acf import _ext  # noqa: E402
-from acf.ops import backend_info  # noqa: E402
+from acf.ops.backends import backend_info  # noqa: E402
 
 ROWS: list = []
 SKIPPED: list = []

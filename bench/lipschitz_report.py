@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import ascent_ratio, random_pair_ratio, saturate  # noqa: E402
 
-from acf.attention import L2MultiheadAttention, LipNormAttention  # noqa: E402
-from acf.branches import BRANCHES  # noqa: E402
+from acf.layers.attention import L2MultiheadAttention, LipNormAttention  # noqa: E402
+from acf.layers.branches import BRANCHES  # noqa: E402
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ LipSwish, L2 multi-head attention (heads x d, N = h*w positions), 1x1 conv, LipS
 back to C. One timed call is the block's evaluation forward, ``y, logdet = block(x)`` under
 ``torch.no_grad()``: ``g(x)`` once with a graph, then 8 vector-Jacobian products (Hutchinson,
 one Gaussian probe), no second order. The attention backend is forced on the block with
-``acf.attention.set_attention_backend`` (the library's one switch for it), so "sdpa" (first
+``acf.layers.attention.set_attention_backend`` (the library's one switch for it), so "sdpa" (first
 order only) can run too. The attention's gamma is set to 0.5: at its initial 0 the branch
 would still run every kernel, but a zero-weighted attention is not a realistic workload.
 
@@ -24,10 +24,10 @@ N_TERMS = 8
 
 def make_block(channels: int, hw: tuple[int, int], heads: int, d: int, dtype: torch.dtype,
                device: str, backend: str):
-    from acf.attention import L2MultiheadAttention, set_attention_backend
-    from acf.block import ContractiveBlock
-    from acf.branches import resflow_branch
-    from acf.logdet import LogdetEstimator
+    from acf.layers.attention import L2MultiheadAttention, set_attention_backend
+    from acf.layers.block import ContractiveBlock
+    from acf.layers.branches import resflow_branch
+    from acf.layers.logdet import LogdetEstimator
 
     torch.manual_seed(0)
     g = resflow_branch(channels, hw, hidden=heads * d, attention="l2", heads=heads)

@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from acf import ops
-from acf.block import ContractiveBlock
-from acf.branches import resflow_branch
-from acf.spectral_norm import refresh_spectral_norms
+from acf.ops.fixed_point import fixed_point_solve
+from acf.layers.block import ContractiveBlock
+from acf.layers.branches import resflow_branch
+from acf.layers.spectral_norm import refresh_spectral_norms
 
 
 def resflow_stack(blocks: int = 4, hidden: int = 512, device: str = "cpu") -> torch.nn.Module:
@@ -65,10 +65,10 @@ def invert_stack(blocks, y, method: str, tol: float = 1e-6, memory: int = 5, bac
     evals, worst = 0, 0.0
     for b in reversed(blocks):
         if method == "reference":
-            from acf.fixed_point import fixed_point_solve
-            y, info = fixed_point_solve(b.g, y, tol=tol, max_iter=2000)
+            from acf.ops.fixed_point import fixed_point_solve_reference
+            y, info = fixed_point_solve_reference(b.g, y, tol=tol, max_iter=2000)
         else:
-            y, info = ops.fixed_point_solve(b.g, y, tol=tol, max_iter=2000, method=method, memory=memory,
+            y, info = fixed_point_solve(b.g, y, tol=tol, max_iter=2000, method=method, memory=memory,
                                             backend=backend)
         evals += info.g_evals
         worst = max(worst, float(info.residual.max()))
@@ -102,8 +102,8 @@ def dense_contractive_blocks(n_blocks: int = 4, features: int = 768, batch: int 
     """Blocks ``x + W2 tanh(W1 x)`` (SpectralLinear, coefficient sqrt(L) each, L = 0.90..0.98) whose
     Jacobian uses its Lipschitz budget (spread spectra, inputs in tanh's linear range): the regime
     of a trained block, where Banach needs O(1 / (1 - L)) steps. Returns (blocks, y, x)."""
-    from acf.block import LipschitzChain
-    from acf.spectral_norm import SpectralLinear
+    from acf.layers.block import LipschitzChain
+    from acf.layers.spectral_norm import SpectralLinear
 
     torch.manual_seed(seed)
     blocks = []

@@ -17,7 +17,7 @@ First order (given G = dL/dO)::
                                                             bias -c|q_k|^2, d/dq_k = -2c q_k)
 
 Precision (fp32). Two rewrites, exact in real arithmetic, keep the kernel's error well below the
-PyTorch reference's (the tolerance rule of issue 4; the plain forms were up to 3x above it):
+PyTorch reference's (the tolerance rule of ``tests/attention_rule.py``; the plain forms were up to 3x above it):
   * logits relative to the diagonal, t_ij = s_ij - c|q_i|^2 = -c|q_i - q_j|^2 <= 0 (``_logits``):
     the saved lse is O(log N) instead of O(c|q|^2), so exp(t_ij - lse_i) does not inherit the
     rounding of a large lse; the second order uses the matching tangent t' (``_tangent_tile``).
@@ -45,7 +45,7 @@ G) and ``dO' = J_O (u, w)`` (the tangent of O). Tangents (dotted)::
     t'_ij = s'_ij - 2c q_i.u_i in place of s': see "Precision" above)
 
 Route for the second order: fused. The backward is itself an autograd Function
-(``acf.functional._FusedL2AttentionBackward``, shared with the CPU kernels of ``acf._C``) whose
+(``acf.ops.l2_attention._FusedL2AttentionBackward``, shared with the CPU kernels of ``acf._C``) whose
 backward runs three more flash-style kernels (a row pass for O',
 mu, delta'; a column pass for dv' and the key role of dq'; a row pass for the query role of dq').
 Extra memory: O(B H N (d + e)) (the tangent O', and mu, delta' per row), never N x N.
@@ -68,7 +68,6 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ..functional import fused_l2_attention
 
 MAX_HEAD_DIM = 128
 INTERPRET_BLOCK = 64  # tile size under TRITON_INTERPRET=1
@@ -584,7 +583,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _precision(dtype: torch.dtype, precision: Optional[str]) -> str:
+def precision_of(dtype: torch.dtype, precision: Optional[str]) -> str:
     """``input_precision`` of tl.dot: fp64 and fp16/bf16 are exact products ("ieee");
     fp32 follows ``precision`` or, when None, PyTorch's TF32 switch for matmuls."""
     if dtype != torch.float32:
@@ -657,8 +656,8 @@ def _double_bwd(q, v, sq, o, lse, g, delta, u, w, scale: float, prec: str):
 
 
 class TritonKernels:
-    """The fused passes behind ``acf.functional.fused_l2_attention`` (which holds the autograd
-    Functions): the forward saves ``(|q|^2, lse)``, the backward adds ``delta``."""
+    """The fused passes that ``acf.ops.l2_attention`` wraps with autograd: the forward saves
+    ``(|q|^2, lse)``, the backward adds ``delta``."""
 
     def __init__(self, scale: float, prec: str) -> None:
         self.scale, self.prec = scale, prec
@@ -701,23 +700,3 @@ def check_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
                              f"{name} has {t.shape[-1]} (use backend='reference')")
         if t.shape[-1] < 1:
             raise ValueError(f"{name} has an empty head dim: shape {tuple(t.shape)}")
-
-
-def l2_attention_triton(q: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                        precision: Optional[str] = None) -> torch.Tensor:
-    """Fused L2 attention ``softmax_j(-scale |q_i - q_j|^2) v`` on ``(B, H, N, d)``/``(B, H, N, e)``.
-
-    Differentiable twice (fused double backward). ``scale`` defaults to ``1/sqrt(d)`` and is
-    applied in fp32 (fp64 for fp64 inputs it is the fp32-rounded value). ``precision`` ("ieee" or
-    "tf32") only matters for fp32 inputs; None follows ``torch.backends.cuda.matmul.allow_tf32``.
-    """
-    check_inputs(q, v)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    scale = float(torch.tensor(float(scale), dtype=torch.float32))  # what the kernel sees
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    B, H, N, _ = q.shape
-    if B * H * N == 0:
-        return v * 0  # empty: nothing to attend over
-    return fused_l2_attention(q, v, TritonKernels(scale, _precision(q.dtype, precision)))

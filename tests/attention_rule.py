@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from acf.functional import l2_attention_reference
+from acf.ops.l2_attention import l2_attention_reference
 
 
 def plain_reference(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

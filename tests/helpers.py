@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from acf.branches import iresnet_branch
-from acf.spectral_norm import SpectralConv2d
+from acf.layers.branches import iresnet_branch
+from acf.layers.spectral_norm import SpectralConv2d
 
 
 def jacobian(fn, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from acf.activations import CLipSwish, ELU, LipSwish, make_activation
+from acf.layers.activations import CLipSwish, ELU, LipSwish, make_activation
 
 
 def max_derivative(fn, x):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from acf.attention import (DotProductAttention, L2MultiheadAttention, LipNormAttention, l2_attention_constant,
+from acf.layers.attention import (DotProductAttention, L2MultiheadAttention, LipNormAttention, l2_attention_constant,
                            make_attention)
 from helpers import ascent_ratio, jacobian, random_pair_ratio
 

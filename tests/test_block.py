@@ -4,10 +4,11 @@ import warnings
 import pytest
 import torch
 
-from acf.block import ContractiveBlock
-from acf.branches import BRANCHES
-from acf.fixed_point import ConvergenceError, fixed_point_solve
-from acf.logdet import LogdetEstimator
+from acf.layers.block import ContractiveBlock
+from acf.layers.branches import BRANCHES
+from acf.ops.fixed_point import ConvergenceError
+from acf.ops.fixed_point import fixed_point_solve_reference as fixed_point_solve
+from acf.layers.logdet import LogdetEstimator
 from helpers import ascent_ratio, positive_branch, random_pair_ratio, saturate
 
 SHAPE = (4, 4, 4)

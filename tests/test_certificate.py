@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import acf
-from acf.block import CertificateError, ContractiveBlock, certified_bounds
-from acf.spectral_norm import _SpectralNormalized
+from acf.layers.block import CertificateError, ContractiveBlock, certified_bounds
+from acf.layers.spectral_norm import _SpectralNormalized
 
 MODELS = {
     "resflow-mnist-fc": dict(arch="resflow", input_shape=(1, 28, 28), hidden=64, fc_blocks=4, fc_hidden=128),

@@ -13,7 +13,7 @@ import torch
 
 from acf.data import (DATASETS, SPLITS, EpochBatchSampler, ImageDataset, MalformedDataError, MissingDataError,
                       endless_batches, load_dataset, make_loader, read_idx, stratified_split, to_float, to_uint8)
-from acf.flow import uniform_dequantize
+from acf.layers.flow import uniform_dequantize
 
 # ---------------------------------------------------------------------------------------------
 # Writers for the real formats

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from acf.block import ContractiveBlock
-from acf.branches import resflow_branch
-from acf.flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob,
+from acf.layers.block import ContractiveBlock
+from acf.layers.branches import resflow_branch
+from acf.layers.flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob,
                       uniform_dequantize)
-from acf.logdet import LogdetEstimator
+from acf.layers.logdet import LogdetEstimator
 from helpers import jacobian, saturate
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from acf.functional import l2_attention
+from acf.ops.l2_attention import l2_attention
 
 SHAPES = [(1, 1, 1, 4), (2, 3, 17, 8), (1, 2, 100, 16), (2, 1, 33, 5)]
 
@@ -60,7 +60,7 @@ def test_bad_input(q, v, err, match):
 
 def test_unknown_backend():
     q = torch.randn(1, 1, 3, 4)
-    with pytest.raises(ValueError, match="unknown l2_attention backend"):
+    with pytest.raises(ValueError, match="l2_attention: backend must be one of .* got .nope."):
         l2_attention(q, q, backend="nope")
 
 

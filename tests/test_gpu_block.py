@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
-from acf.attention import set_attention_backend
-from acf.block import ContractiveBlock
-from acf.branches import resflow_branch
-from acf.logdet import LogdetEstimator
+from acf.layers.attention import set_attention_backend
+from acf.layers.block import ContractiveBlock
+from acf.layers.branches import resflow_branch
+from acf.layers.logdet import LogdetEstimator
 
 pytestmark = pytest.mark.gpu
 

@@ -18,9 +18,9 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from acf import functional as F  # noqa: E402
-from acf.attention import L2MultiheadAttention, set_attention_backend  # noqa: E402
-from acf.functional import l2_attention, l2_attention_reference  # noqa: E402
+from acf.ops import l2_attention as F  # noqa: E402
+from acf.layers.attention import L2MultiheadAttention, set_attention_backend  # noqa: E402
+from acf.ops.l2_attention import l2_attention, l2_attention_reference, l2_attention_triton  # noqa: E402
 import acf.kernels.l2_attention as K  # noqa: E402
 import attention_rule as R  # noqa: E402
 from attention_rule import check_rule, first_and_second  # noqa: E402
@@ -46,7 +46,7 @@ def compare_all(*args, **kwargs):
 
 
 def triton_fn(precision="ieee"):
-    return lambda q, v, s: K.l2_attention_triton(q, v, s, precision=precision)
+    return lambda q, v, s: l2_attention_triton(q, v, s, precision=precision)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def test_triton_gradcheck_fp64(monkeypatch, n, fast):
     gen = torch.Generator().manual_seed(n)
     q = torch.randn(1, 2, n, 3, dtype=torch.float64, generator=gen).to(DEV).requires_grad_()
     v = torch.randn(1, 2, n, 2, dtype=torch.float64, generator=gen).to(DEV).requires_grad_()
-    fn = lambda q, v: K.l2_attention_triton(q, v, 0.7)
+    fn = lambda q, v: l2_attention_triton(q, v, 0.7)
     opts = dict(eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast)
     assert torch.autograd.gradcheck(fn, (q, v), **opts)
     assert torch.autograd.gradgradcheck(fn, (q, v), **opts)
@@ -105,7 +105,7 @@ def test_triton_strided_inputs_and_expanded_grad():
     q = torch.randn(B, N, H, D, dtype=torch.float64, device=DEV).transpose(1, 2).requires_grad_()
     v = torch.randn(B, N, H, 6, dtype=torch.float64, device=DEV).transpose(1, 2).requires_grad_()
     assert not q.is_contiguous()
-    o = K.l2_attention_triton(q, v, 0.25)  # exact in fp32 (the kernel applies scale in fp32)
+    o = l2_attention_triton(q, v, 0.25)  # exact in fp32 (the kernel applies scale in fp32)
     dq, dv = torch.autograd.grad(o.sum(), (q, v))
     q64, v64 = q.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
     o64 = l2_attention_reference(q64, v64, 0.25)
@@ -142,7 +142,7 @@ def test_layer_column_major_heads_on_triton():
 def test_triton_third_order_raises():
     q = torch.randn(1, 1, 9, 4, dtype=torch.float64, device=DEV, requires_grad=True)
     v = torch.randn(1, 1, 9, 4, dtype=torch.float64, device=DEV, requires_grad=True)
-    (dq,) = torch.autograd.grad(K.l2_attention_triton(q, v).sum(), q, create_graph=True)
+    (dq,) = torch.autograd.grad(l2_attention_triton(q, v).sum(), q, create_graph=True)
     (hq,) = torch.autograd.grad(dq.pow(2).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
         torch.autograd.grad(hq.sum(), q)
@@ -154,10 +154,10 @@ def test_tolerance_rule_can_fail():
     q, v, *_ = rand_inputs(1, 2, 40, 8, 8, torch.float32)
     ex = l2_attention_reference(q.double(), v.double(), 0.35)
     ref = l2_attention_reference(q, v, 0.35)
-    wrong = K.l2_attention_triton(q, v, 0.35 * 1.01, precision="ieee")
+    wrong = l2_attention_triton(q, v, 0.35 * 1.01, precision="ieee")
     with pytest.raises(AssertionError):
         check_rule("wrong", wrong, ref, ex)
-    check_rule("right", K.l2_attention_triton(q, v, 0.35, precision="ieee"), ref, ex)
+    check_rule("right", l2_attention_triton(q, v, 0.35, precision="ieee"), ref, ex)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,26 +170,26 @@ def test_triton_bad_inputs(monkeypatch):
     q = torch.randn(1, 2, 5, 4, device=DEV)
     v = torch.randn(1, 2, 5, 4, device=DEV)
     with pytest.raises(ValueError, match="q must be"):
-        K.l2_attention_triton(q[0], v)
+        l2_attention_triton(q[0], v)
     with pytest.raises(TypeError, match="dtype"):
-        K.l2_attention_triton(q.int(), v)
+        l2_attention_triton(q.int(), v)
     with pytest.raises(TypeError, match="share a dtype"):
-        K.l2_attention_triton(q, v.double())
+        l2_attention_triton(q, v.double())
     with pytest.raises(ValueError, match="agree"):
-        K.l2_attention_triton(q, v[:, :, :3])
+        l2_attention_triton(q, v[:, :, :3])
     with pytest.raises(ValueError, match="head dims up to 128"):
-        K.l2_attention_triton(torch.randn(1, 1, 5, 129, device=DEV), torch.randn(1, 1, 5, 4, device=DEV))
+        l2_attention_triton(torch.randn(1, 1, 5, 129, device=DEV), torch.randn(1, 1, 5, 4, device=DEV))
     with pytest.raises(ValueError, match="precision"):
-        K.l2_attention_triton(q, v, precision="fast")
+        l2_attention_triton(q, v, precision="fast")
     if DEV == "cpu":
         monkeypatch.setattr(K, "interpreting", lambda: False)
         with pytest.raises(ValueError, match="needs CUDA"):
-            K.l2_attention_triton(q, v)
+            l2_attention_triton(q, v)
 
 
 def test_functional_bad_inputs():
     q = torch.randn(1, 2, 5, 4)
-    with pytest.raises(ValueError, match="unknown l2_attention backend"):
+    with pytest.raises(ValueError, match="l2_attention: backend must be one of .* got 'cuda' \\(the backends are"):
         l2_attention(q, q, backend="cuda")
     with pytest.raises(ValueError, match="4 dimensions"):
         l2_attention(q[0], q[0])
@@ -230,7 +230,7 @@ def test_sdpa_gradcheck_and_no_double_backward():
 
 def test_auto_dispatch(monkeypatch):
     q = torch.randn(1, 1, 6, 4)
-    assert F._auto_backend(q, q) == ("cpu" if F.cpu_kernels_available() else "reference")
+    assert F._auto_backend(q, q) == ("extension" if F.cpu_kernels_available() else "reference")
     assert F._auto_backend(q.half(), q.half()) == "reference"  # no half-precision CPU kernels
     monkeypatch.setattr(F, "cpu_kernels_available", lambda: False)
     assert F._auto_backend(q, q) == "reference"
@@ -300,7 +300,7 @@ def test_gpu_layer_column_major_heads():
 def test_gpu_gradcheck_fp64():
     q = torch.randn(1, 2, 70, 5, dtype=torch.float64, device="cuda", requires_grad=True)
     v = torch.randn(1, 2, 70, 3, dtype=torch.float64, device="cuda", requires_grad=True)
-    fn = lambda q, v: K.l2_attention_triton(q, v, 0.6)
+    fn = lambda q, v: l2_attention_triton(q, v, 0.6)
     assert torch.autograd.gradcheck(fn, (q, v), eps=1e-6, atol=1e-7, rtol=1e-5)
     assert torch.autograd.gradgradcheck(fn, (q, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 

@@ -1,4 +1,4 @@
-"""``acf._C``'s CPU L2 attention kernels (backend "cpu") against the float64 reference.
+"""``acf._C``'s CPU L2 attention kernels (backend "extension") against the float64 reference.
 
 Same tolerance rule as the Triton kernels (``tests/attention_rule.py``): output, VJP and double VJP
 within 2x the error of the same-precision PyTorch reference. Skipped when the extension is not
@@ -11,15 +11,15 @@ import copy
 import pytest
 import torch
 
-from acf import functional as F
-from acf.functional import l2_attention, l2_attention_reference
+from acf.ops import l2_attention as F
+from acf.ops.l2_attention import l2_attention, l2_attention_reference
 from attention_rule import compare_all, first_and_second, rand_inputs
 
 needs_ext = pytest.mark.skipif(not F.cpu_kernels_available(), reason="acf._C (CPU kernels) not built")
 
 
 def cpu_fn(q, v, scale):
-    return l2_attention(q, v, scale, backend="cpu")
+    return l2_attention(q, v, scale, backend="extension")
 
 
 def assert_equals_reference(q, v, g, u, w, scale):
@@ -83,10 +83,10 @@ def test_non_contiguous_inputs_and_third_order_refused():
 def test_auto_uses_cpu_kernels_in_training():
     """A ResFlow block with L2 attention trains with the Neumann estimator on the CPU kernels
     (auto), and its parameter gradients equal the reference backend's for the same draw."""
-    from acf.attention import set_attention_backend
-    from acf.block import ContractiveBlock
-    from acf.branches import resflow_branch
-    from acf.logdet import LogdetEstimator
+    from acf.layers.attention import set_attention_backend
+    from acf.layers.block import ContractiveBlock
+    from acf.layers.branches import resflow_branch
+    from acf.layers.logdet import LogdetEstimator
 
     torch.manual_seed(0)
     g = resflow_branch(4, (5, 5), hidden=8, attention="l2", heads=2).double()
@@ -103,7 +103,7 @@ def test_auto_uses_cpu_kernels_in_training():
         (y.square().sum() - logdet.sum()).backward()
         grads[backend] = [p.grad.clone() for p in block.parameters() if p.grad is not None]
     heads = torch.empty(3, 2, 25, 4, dtype=torch.float64)  # the layer's (B, H, N, d)
-    assert F._auto_backend(heads, heads) == "cpu"
+    assert F._auto_backend(heads, heads) == "extension"
     for a, b in zip(grads["auto"], grads["reference"]):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
@@ -111,8 +111,8 @@ def test_auto_uses_cpu_kernels_in_training():
 @needs_ext
 def test_bad_input():
     q = torch.randn(1, 1, 5, 4)
-    with pytest.raises(ValueError, match="'cpu' needs CPU float32/float64"):
-        l2_attention(q.half(), q.half(), backend="cpu")
+    with pytest.raises(ValueError, match="'extension' needs CPU float32/float64"):
+        l2_attention(q.half(), q.half(), backend="extension")
     x = q.reshape(1, 5, 4)
     with pytest.raises(RuntimeError, match=r"must be \(batch\*heads, N, dim\)"):
         torch.ops.acf.l2_attention_fwd(x, x[:, :4], 0.5)
@@ -166,7 +166,7 @@ def test_any_strides(layout):
 @needs_ext
 def test_auto_rule_by_head_dim_and_n():
     """auto takes the fused kernels where they were measured faster than the reference."""
-    rule = {(196, 8): "cpu", (196, 16): "cpu", (196, 32): "cpu", (1024, 32): "cpu", (196, 64): "reference",
+    rule = {(196, 8): "extension", (196, 16): "extension", (196, 32): "extension", (1024, 32): "extension", (196, 64): "reference",
             (1024, 64): "reference", (49, 128): "reference"}
     for (n, d), want in rule.items():
         q = torch.empty(1, 1, n, d)
@@ -175,11 +175,11 @@ def test_auto_rule_by_head_dim_and_n():
 
 
 def test_fallback_without_extension(monkeypatch):
-    """Without the extension, auto picks the reference and backend='cpu' says why it cannot run."""
+    """Without the extension, auto picks the reference and backend="extension" says why it cannot run."""
     monkeypatch.setattr(F, "cpu_kernels_available", lambda: False)
     monkeypatch.setattr(F._ext, "available", lambda: False)
     q = torch.randn(1, 2, 7, 4)
     assert F._auto_backend(q, q) == "reference"
     torch.testing.assert_close(l2_attention(q, q), l2_attention_reference(q, q, 0.5))
     with pytest.raises(ValueError, match="extension loaded: False"):
-        l2_attention(q, q, backend="cpu")
+        l2_attention(q, q, backend="extension")

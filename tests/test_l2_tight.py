@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import acf
-from acf.attention import L2TightAttention, ball_projection, l2_tight_constant, make_attention
+from acf.layers.attention import L2TightAttention, ball_projection, l2_tight_constant, make_attention
 from helpers import adversarial_starts, jacobian_norm_ascent
 
 # (layout, channels, heads, delta_max, N, weight scale, ascent steps)
@@ -98,7 +98,7 @@ def test_layer_contract(layout):
 @pytest.mark.parametrize("shape", [(2, 8, 3, 5), (1, 12, 7, 7)])
 def test_fused_cpu_kernels_equal_the_reference(layout, shape):
     """Forward, VJP and the double VJP the Neumann gradient needs, float64, fresh random inputs."""
-    if not acf.functional.cpu_kernels_available():
+    if not acf.ops.l2_attention.cpu_kernels_available():
         pytest.skip("acf._C not built")
     torch.manual_seed(0)
     layer = make_attention("l2-tight", shape[1], 4 if shape[1] == 12 else 2, layout=layout).double()
@@ -106,7 +106,7 @@ def test_fused_cpu_kernels_equal_the_reference(layout, shape):
         layer.gamma.fill_(0.8)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     outs = []
-    for backend in ("reference", "cpu"):
+    for backend in ("reference", "extension"):
         layer.backend = backend
         y = layer(x)
         (g,) = torch.autograd.grad((y * y.detach().sin()).sum(), x, create_graph=True)

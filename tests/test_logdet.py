@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 import torch
 
-from acf.logdet import LogdetEstimator, exact_logdet, logdet_estimate, survival, term_weights
+from acf.layers.logdet import LogdetEstimator, exact_logdet, logdet_estimate, survival, term_weights
 from helpers import positive_branch
 
 SHAPE = (2, 4, 4)

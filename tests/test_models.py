@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from acf.logdet import LogdetEstimator
+from acf.layers.logdet import LogdetEstimator
 from acf.models import PRESETS, build_model, model_config
 
 ARCHS = ["iresnet", "resflow", "idensenet"]

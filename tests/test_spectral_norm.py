@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from acf.spectral_norm import (SpectralConv2d, SpectralLinear, norm_bounds, operator_norm, refresh_spectral_norms,
+from acf.layers.spectral_norm import (SpectralConv2d, SpectralLinear, norm_bounds, operator_norm, refresh_spectral_norms,
                                spectral_norm)
 from helpers import jacobian
 

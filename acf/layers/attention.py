@@ -28,8 +28,8 @@ import torch
 from scipy.special import lambertw
 from torch import nn
 
-from ._checks import check_image
-from .functional import l2_attention
+from .._checks import check_image
+from ..ops.l2_attention import l2_attention
 
 LIPNORM_SCORE_BOUND = math.exp(math.sqrt(3.0)) + 2.0 * math.sqrt(6.0)  # eq. 15 with m = n
 

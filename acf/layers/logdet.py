@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_int, check_real
+from .._checks import check_choice, check_int, check_real
 
 GFunc = Callable[[torch.Tensor], torch.Tensor]
 

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_coefficient, check_image, check_tensor
-from .ops import LinearOp, power_iteration, spectral_norms
+from .._checks import check_coefficient, check_image, check_tensor
+from ..ops.power_iteration import LinearOp, power_iteration, spectral_norms
 
 # Relative margin added to every float64 bound: covers the rounding of the FFT, the Gram product and
 # the symmetric eigensolver (each a few units of 1e-16 relative to the largest eigenvalue).
@@ -221,7 +221,7 @@ def refresh_spectral_norms(
 ):
     """Refresh every spectrally normalised layer of ``model`` (a module, or a list of layers).
 
-    One batched power-iteration call (``acf.ops.spectral_norms``: ``acf._C`` when it is loaded) per
+    One batched power-iteration call (``acf.ops.power_iteration.spectral_norms``: ``acf._C`` when it is loaded) per
     group of layers with the same settings, device and dtype, warm-started from and updating the
     layers' ``u``/``v`` in place: ``n_iter`` steps, or to ``tol``, or (neither) to each layer's own
     ``tol``; then the certified bounds, one ``norm_bounds`` call per weight shape. With

@@ -1,4 +1,4 @@
-"""Functional core of ACF: L2 self-attention with keys tied to queries.
+"""The ``l2_attention`` op: L2 self-attention with keys tied to queries.
 
 For each batch element and head, with queries ``q`` (N x d) and values ``v`` (N x e)::
 
@@ -7,7 +7,10 @@ For each batch element and head, with queries ``q`` (N x d) and values ``v`` (N 
 
 Softmax is invariant to a per-row constant, so the logits equal ``scale * (2 q_i.q_j - ||q_j||^2)``:
 dot-product attention with K = Q and a per-key bias. ``l2_attention_reference`` materialises P
-and is the reference every fast backend is tested against.
+and is the reference every fast backend is tested against. Fast paths: ``acf._C``'s fused CPU
+kernels (``backend="extension"``, ``csrc/l2_attention_cpu.cpp``), the Triton kernels
+(``backend="triton"``, ``kernels/l2_attention.py``, installed as ``acf.kernels.l2_attention``) and
+SDPA on augmented vectors (``backend="sdpa"``, first order). Backend names: ``acf.ops.backends``.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from typing import Callable, Optional, Protocol
 import torch
 from torch import Tensor
 
-from . import _ext
-from ._checks import check_tensor
+from .. import _ext
+from .._checks import check_tensor
+from .backends import check_backend
 
 Backend = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -183,11 +187,11 @@ class _CPUKernels:
         return gq.reshape(q.shape), gv.reshape(v.shape), gg.reshape(v.shape)
 
 
-def l2_attention_cpu(q: Tensor, v: Tensor, scale: float) -> Tensor:
+def l2_attention_extension(q: Tensor, v: Tensor, scale: float) -> Tensor:
     """``acf._C``'s per-head CPU kernels (float32 / float64), differentiable twice."""
     loaded = cpu_kernels_available()
     if q.device.type != "cpu" or q.dtype not in _CPU_DTYPES or not loaded:
-        raise ValueError(f"l2_attention backend 'cpu' needs CPU float32/float64 tensors and the compiled "
+        raise ValueError(f"l2_attention backend 'extension' needs CPU float32/float64 tensors and the compiled "
                          f"extension acf._C (got {q.dtype} on {q.device}; extension loaded: {loaded})")
     return fused_l2_attention(q, v, _CPUKernels(scale))
 
@@ -200,24 +204,31 @@ def cpu_kernels_available() -> bool:
     return _ext.available() and hasattr(torch.ops.acf, "l2_attention_fwd")
 
 
-def l2_attention_triton(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Fused Triton kernels (``acf.kernels.l2_attention``), differentiable twice."""
-    from .kernels.l2_attention import l2_attention_triton as fused  # imports triton lazily
+def l2_attention_triton(q: Tensor, v: Tensor, scale: Optional[float] = None, precision: Optional[str] = None) -> Tensor:
+    """The Triton kernels (``acf.kernels.l2_attention``, imported lazily), differentiable twice.
 
-    return fused(q, v, scale)
+    ``scale`` (default ``1 / sqrt(d)``) is applied in fp32 (for fp64 inputs it is the fp32-rounded
+    value). ``precision`` ("ieee" or "tf32") only matters for fp32 inputs; None follows
+    ``torch.backends.cuda.matmul.allow_tf32``.
+    """
+    from ..kernels import l2_attention as kernels  # imports triton
+
+    kernels.check_inputs(q, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = float(torch.tensor(float(scale), dtype=torch.float32))  # what the kernels see
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:
+        return v * 0  # empty: nothing to attend over
+    return fused_l2_attention(q, v, kernels.TritonKernels(scale, kernels.precision_of(q.dtype, precision)))
 
 
 _BACKENDS: dict[str, Backend] = {
     "reference": l2_attention_reference,
     "sdpa": l2_attention_sdpa,
     "triton": l2_attention_triton,
-    "cpu": l2_attention_cpu,
+    "extension": l2_attention_extension,
 }
-
-
-def register_backend(name: str, fn: Backend) -> None:
-    """Register a fast implementation (Triton, SDPA, ...) under ``name``."""
-    _BACKENDS[name] = fn
 
 
 def triton_available() -> bool:
@@ -225,7 +236,7 @@ def triton_available() -> bool:
     global _TRITON_OK
     if _TRITON_OK is None:
         try:
-            from .kernels import l2_attention as _  # noqa: F401
+            from ..kernels import l2_attention as _  # noqa: F401
 
             _TRITON_OK = True
         except Exception:  # no triton, or a triton too old for the kernels
@@ -243,7 +254,7 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
 
     * CUDA: ``"triton"`` (fused forward, VJP and double VJP) when Triton imports, the dtype is
       fp16/bf16/fp32/fp64 and both head dims are <= 128; otherwise ``"reference"``.
-    * CPU, float32/float64, ``acf._C`` loaded: ``"cpu"`` (fused kernels, differentiable twice)
+    * CPU, float32/float64, ``acf._C`` loaded: ``"extension"`` (fused kernels, differentiable twice)
       for head dims up to 32; ``"reference"`` for larger head dims, and for half precision. The
       fused kernels keep every tile in registers, which wins while the head dim is small; from head
       dim 64 MKL's blocked products in the reference win. Measured on 2 cores over a training
@@ -251,13 +262,13 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
       kernels are 1.6-3.9x faster at head dims 8-16, 0.9-2.5x at head dim 32 (a tie below N = 1024,
       in O(N) instead of O(N^2) memory), 0.5-0.9x at head dims 64-128. On the CPU preset
       (``bench/bench_train_step.py``, N = 196, d = 8) a training step costs 2.6-3.0x the step
-      without attention with ``"cpu"``, 9-11x with ``"reference"``.
+      without attention with ``"extension"``, 9-11x with ``"reference"``.
       ``"sdpa"`` is never chosen automatically: it is first-order only and, at forward time,
       nothing tells whether the caller will differentiate a VJP later (the Neumann log-det
       gradient does, with ``create_graph=True``); on CPU it is also slower than the reference.
       The Triton interpreter is far slower still, so ``"triton"`` on CPU is only for tests
       (``TRITON_INTERPRET=1``, forced).
-    * Derivative orders: reference any order; triton and cpu two (a third raises); sdpa one (a
+    * Derivative orders: reference any order; triton and extension two (a third raises); sdpa one (a
       second raises). ``auto`` therefore always supports the second order a training step needs.
     """
     if (
@@ -269,7 +280,7 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
         return "triton"
     if q.device.type == "cpu" and q.dtype in _CPU_DTYPES and cpu_kernels_available():
         if max(q.shape[-1], v.shape[-1]) <= _CPU_FUSED_MAX_HEAD_DIM:
-            return "cpu"
+            return "extension"
     return "reference"
 
 
@@ -282,10 +293,9 @@ def auto_backend_summary(device: torch.device) -> str:
 
 
 def _select_backend(q: torch.Tensor, backend: str, v: Optional[torch.Tensor] = None) -> Backend:
+    check_backend(backend, "l2_attention", ("auto", *_BACKENDS))
     if backend == "auto":
         return _BACKENDS[_auto_backend(q, q if v is None else v)]
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown l2_attention backend {backend!r}; available: {sorted(_BACKENDS)} or 'auto'")
     return _BACKENDS[backend]
 
 
@@ -299,7 +309,7 @@ def l2_attention(
         v: values, shape ``(B, H, N, e)``.
         scale: logit scale; defaults to ``1 / sqrt(d)``.
         backend: ``"auto"`` (see ``_auto_backend``: Triton on CUDA, ``acf._C`` on CPU), or
-            ``"triton"`` (fused kernels, differentiable twice), ``"cpu"`` (``acf._C``'s CPU
+            ``"triton"`` (fused kernels, differentiable twice), ``"extension"`` (``acf._C``'s CPU
             kernels, differentiable twice), ``"sdpa"`` (PyTorch SDPA on augmented vectors, first
             order only) or ``"reference"`` (materialises P, any order).
 

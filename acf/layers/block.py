@@ -8,10 +8,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_tensor
-from .fixed_point import FixedPointInfo
+from .._checks import check_finite, check_tensor
 from .logdet import LogdetEstimator, logdet_estimate
-from .ops import fixed_point_solve
+from ..ops.fixed_point import FixedPointInfo, fixed_point_solve
 from .spectral_norm import refresh_spectral_norms
 
 
@@ -60,7 +59,7 @@ class ContractiveBlock(nn.Module):
             dot-product attention).
         estimator: log-det estimator settings (``LogdetEstimator``) or a method name.
         tol, max_iter, on_fail, method, memory: defaults of ``inverse`` (see
-            ``acf.ops.fixed_point_solve``; ``method`` is ``"banach"`` or ``"anderson"``).
+            ``acf.ops.fixed_point.fixed_point_solve``; ``method`` is ``"banach"`` or ``"anderson"``).
     """
 
     def __init__(self, g: nn.Module, estimator: Union[LogdetEstimator, str] = "roulette",

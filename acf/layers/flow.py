@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_finite, check_image, check_same_dtype, check_tensor, check_unit_interval
+from .._checks import check_finite, check_image, check_same_dtype, check_tensor, check_unit_interval
 from .block import ContractiveBlock
 
 
