@@ -21,8 +21,8 @@ import warnings
 
 from setuptools import setup
 
-CPU_SOURCES = ["csrc/acf_ops.cpp", "csrc/l2_attention_cpu.cpp"]
-CUDA_SOURCES = ["csrc/acf_cuda.cu"]
+CPU_SOURCES = ["csrc/extension.cpp", "csrc/power_iteration.cpp", "csrc/fixed_point.cpp", "csrc/l2_attention_cpu.cpp"]
+CUDA_SOURCES = ["csrc/fixed_point_cuda.cu"]
 
 
 def _flag(name):

@@ -30,7 +30,10 @@ def check_tensor(
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinity (one host sync)."""
+    """Raise ``ValueError`` if ``x`` holds NaN or infinity (one host sync; skipped inside a compiled
+    graph, where a data-dependent check would split the graph)."""
+    if torch.compiler.is_compiling():
+        return
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
@@ -60,9 +63,10 @@ def check_image(x: torch.Tensor, channels: int, name: str = "input") -> None:
 
 
 def check_unit_interval(x: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds non-finite values or values outside ``[0, 1]`` (one host sync)."""
+    """Raise ``ValueError`` if ``x`` holds non-finite values or values outside ``[0, 1]`` (one host sync;
+    skipped inside a compiled graph)."""
     check_finite(x, name)
-    if x.numel():
+    if x.numel() and not torch.compiler.is_compiling():
         low, high = (float(v) for v in torch.aminmax(x.detach()))
         if low < 0.0 or high > 1.0:
             raise ValueError(f"{name} has values outside [0, 1] (min {low:.4g}, max {high:.4g}); "

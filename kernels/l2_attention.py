@@ -1,4 +1,8 @@
-"""Fused L2 self-attention with keys tied to queries: Triton kernels and autograd Functions.
+"""Fused L2 self-attention with keys tied to queries: the Triton kernels, as PyTorch ops.
+
+Three ops (``torch.library.triton_op``, kernels launched through ``wrap_triton`` so that
+torch.compile sees them): ``acf::l2_attention_triton_fwd``, ``_bwd`` and ``_bwd2``. Their autograd
+and vmap rules are registered by ``acf.ops.l2_attention``, which dispatches to them.
 
 The math, stated once (paper eq. 9-10, Kim et al. 2021; one batch element and head; c = scale)::
 
@@ -44,13 +48,13 @@ G) and ``dO' = J_O (u, w)`` (the tangent of O). Tangents (dotted)::
     (computed with the row sums sum_j dS'_kj = sum_j dS_kj = 0 subtracted as well, and with
     t'_ij = s'_ij - 2c q_i.u_i in place of s': see "Precision" above)
 
-Route for the second order: fused. The backward is itself an autograd Function
-(``acf.ops.l2_attention._FusedL2AttentionBackward``, shared with the CPU kernels of ``acf._C``) whose
-backward runs three more flash-style kernels (a row pass for O',
+Route for the second order: fused. The backward op is itself differentiable (its autograd is
+registered in ``acf.ops.l2_attention``, with the CPU kernels of ``acf._C`` sharing the pattern):
+its backward runs three more flash-style kernels (a row pass for O',
 mu, delta'; a column pass for dv' and the key role of dq'; a row pass for the query role of dq').
 Extra memory: O(B H N (d + e)) (the tangent O', and mu, delta' per row), never N x N.
-Third and higher order derivatives are not provided (the double backward is once-differentiable
-and says so if differentiated again).
+Third and higher order derivatives are not provided (the double-backward op has no autograd, and
+differentiating it raises).
 
 Kernel layout: inputs of any strides on (B, H, N, d) / (B, H, N, e); one program per block of
 rows (or columns) of one (batch, head); head dims padded to a power of two >= 16 by masking;
@@ -66,6 +70,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 from triton.runtime.errors import OutOfResources
 
 
@@ -564,7 +569,8 @@ def _launch(kernel, kind: str, rows_of: str, bh: int, n: int, bd: int, be: int,
     for cfg in cands:
         grid = (triton.cdiv(n, cfg[rows_of]) * bh,)
         try:
-            kernel[grid](*args, BLOCK_D=bd, BLOCK_E=be, **cfg, **consts)
+            launcher = kernel if interpreting() else wrap_triton(kernel)  # the interpreter runs plain launches
+            launcher[grid](*args, BLOCK_D=bd, BLOCK_E=be, **cfg, **consts)
         except OutOfResources as e:  # shared memory / registers
             err = e
             continue
@@ -655,25 +661,30 @@ def _double_bwd(q, v, sq, o, lse, g, delta, u, w, scale: float, prec: str):
     return gq, gv, odot
 
 
-class TritonKernels:
-    """The fused passes that ``acf.ops.l2_attention`` wraps with autograd: the forward saves
-    ``(|q|^2, lse)``, the backward adds ``delta``."""
+@triton_op("acf::l2_attention_triton_fwd", mutates_args=())
+def l2_attention_triton_fwd(q: torch.Tensor, v: torch.Tensor, scale: float, precision: str
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(O, lse)``; ``lse`` is ``(B*H, N)`` in the accumulation dtype."""
+    o, lse, _ = _fwd(q, v, scale, precision)
+    return o, lse
 
-    def __init__(self, scale: float, prec: str) -> None:
-        self.scale, self.prec = scale, prec
 
-    def forward(self, q, v):
-        o, lse, sq = _fwd(q, v, self.scale, self.prec)
-        return o, (sq, lse)
+@triton_op("acf::l2_attention_triton_bwd", mutates_args=())
+def l2_attention_triton_bwd(q: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                            g: torch.Tensor, scale: float, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dq, dv)`` for ``G = dL/dO`` (``|q|^2`` recomputed: O(N d), against O(N^2 d) for the passes)."""
+    dq, dv, _ = _bwd(q, v, _sq_norms(q), o, lse, g, scale, precision)
+    return dq, dv
 
-    def backward(self, q, v, o, g, saved):
-        sq, lse = saved
-        dq, dv, delta = _bwd(q, v, sq, o, lse, g, self.scale, self.prec)
-        return dq, dv, (delta,)
 
-    def double_backward(self, q, v, o, g, saved, extra, u, w):
-        (sq, lse), (delta,) = saved, extra
-        return _double_bwd(q, v, sq, o, lse, g, delta, u, w, self.scale, self.prec)
+@triton_op("acf::l2_attention_triton_bwd2", mutates_args=())
+def l2_attention_triton_bwd2(q: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                             g: torch.Tensor, u: torch.Tensor, w: torch.Tensor, scale: float, precision: str
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tangents ``(dq', dv', O')`` in the direction ``(U, W)`` (``delta`` recomputed)."""
+    acc = _acc_dtype(q.dtype)
+    delta = (g.to(acc) * o.to(acc)).sum(-1).reshape(-1, q.shape[2])
+    return _double_bwd(q, v, _sq_norms(q), o, lse, g, delta, u, w, scale, precision)
 
 
 def check_inputs(q: torch.Tensor, v: torch.Tensor) -> None:

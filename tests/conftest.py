@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton's CPU interpreter runs the kernels without a GPU; it must be chosen before Triton is first
+    # imported (importing torch's compiler stack can import it), so here, before any test module.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

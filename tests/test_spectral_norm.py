@@ -30,8 +30,8 @@ def test_norm_bounds_of_matrices_are_exact(shape):
     exact = torch.linalg.matrix_norm(ws, ord=2)
     got = norm_bounds(ws)
     assert bool((got >= exact).all())  # never below, within the stated rounding margin above
-    torch.testing.assert_close(got, exact, rtol=1e-9, atol=0)
-    torch.testing.assert_close(norm_bounds(ws.float().unsqueeze(-1).unsqueeze(-1)), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, exact, rtol=2e-6, atol=0)
+    torch.testing.assert_close(norm_bounds(ws.float().unsqueeze(-1).unsqueeze(-1)), exact, rtol=2e-6, atol=0)
 
 
 @pytest.mark.parametrize("cout,cin,k,hw", [(3, 5, 3, (5, 7)), (8, 2, 3, (4, 4)), (4, 3, 5, (5, 3)), (1, 6, 3, (3, 3)),
@@ -47,7 +47,7 @@ def test_torus_bound_equals_the_circulant_norm(cout, cin, k, hw):
         return F.conv2d(F.pad(x, (p, p, p, p), mode="circular"), w)
 
     dense = jacobian(circ, torch.zeros(1, cin, th, tw, dtype=torch.float64))
-    torch.testing.assert_close(norm_bounds(w[None], hw)[0], torch.linalg.matrix_norm(dense, ord=2), rtol=1e-9, atol=0)
+    torch.testing.assert_close(norm_bounds(w[None], hw)[0], torch.linalg.matrix_norm(dense, ord=2), rtol=2e-6, atol=0)
 
 
 @settings(max_examples=30, deadline=None)
@@ -63,7 +63,7 @@ def test_conv_bound_is_never_below_the_exact_norm(cout, cin, k, h, w, scale, see
     exact = conv_norm(weight, (h, w))
     assert bound >= exact * (1 - 1e-9)
     if k == 1:
-        assert bound <= exact * (1 + 1e-9)
+        assert bound <= exact * (1 + 2e-6)  # exact, plus the rounding margin
     elif min(h, w) >= 2 * k:
         assert bound <= exact * 1.3
 
@@ -80,7 +80,7 @@ def test_normalised_conv_is_certified_and_close_to_its_coefficient(cin, cout, k,
     op.weight.data.copy_(w_hat)
     exact = float(torch.linalg.matrix_norm(jacobian(op, torch.zeros(1, cin, *hw, dtype=torch.float64)), ord=2))
     assert exact <= 0.9 * (1 + 1e-9)
-    assert exact >= 0.9 * (1 - 1e-9) / (1.0 if k == 1 else 1.6)  # torus looseness on these tiny inputs
+    assert exact >= 0.9 * (1 - 2e-6) / (1.0 if k == 1 else 1.6)  # torus looseness on these tiny inputs
     assert abs(float(conv.lipschitz_bound()) - exact) < 1e-7
 
 
@@ -101,7 +101,7 @@ def test_linear_normalised_exactly_and_differentiable():
     lin.refresh(tol=1e-12)
     w_hat = lin.normalized_weight()
     torch.testing.assert_close(torch.linalg.matrix_norm(w_hat.detach(), ord=2), torch.tensor(0.8, dtype=torch.float64),
-                               rtol=1e-9, atol=0)
+                               rtol=2e-6, atol=0)
     g = torch.randn_like(w_hat)
     (w_hat * g).sum().backward()
     w = lin.weight.detach().clone().requires_grad_(True)

@@ -35,6 +35,7 @@ LIPNORM_SCORE_BOUND = math.exp(math.sqrt(3.0)) + 2.0 * math.sqrt(6.0)  # eq. 15 
 
 
 @lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # compiled: evaluated once while tracing, a constant
 def l2_attention_constant(n: int, d: int) -> float:
     """``sqrt(N / d) * (4 W0((N - 1) / e) + 1)``: the N-dependent factor of Kim et al.'s bound.
 
@@ -205,6 +206,7 @@ class DotProductAttention(_ContractiveAttention):
 
 
 @lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def l2_tight_constant(delta: float, n: int) -> float:
     """``f(Delta, N) = sqrt(c) + Delta / 2 + sqrt(Delta G)``: ``Lip(F) <= ||M|| f`` for one attention
     map of ``L2TightAttention`` whose logits span at most ``Delta`` over ``N`` tokens (see its docstring).

@@ -42,9 +42,10 @@ from torch import nn
 from .._checks import check_coefficient, check_image, check_tensor
 from ..ops.power_iteration import LinearOp, power_iteration, spectral_norms
 
-# Relative margin added to every float64 bound: covers the rounding of the FFT, the Gram product and
-# the symmetric eigensolver (each a few units of 1e-16 relative to the largest eigenvalue).
-_ROUNDING_MARGIN = 1e-10
+# Relative margin added to every bound: covers the float64 rounding of the FFT, the Gram product and
+# the eigensolver (a few units of 1e-16), and the rounding of the bound to float32 (6e-8) when a model
+# is cast with ``.float()`` (which casts this buffer too).
+_ROUNDING_MARGIN = 1e-6
 
 
 def _normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -113,7 +114,7 @@ def norm_bounds(weights: torch.Tensor, input_hw: Optional[tuple[int, int]] = Non
         ``(G,)`` float64: the exact norm of each matrix; for a kxk kernel the norm of its circular
         convolution on the ``(H + k - 1) x (W + k - 1)`` torus, which bounds the zero-padded operator
         (see the module docstring; on inputs smaller than the kernel, the taps that never meet the
-        input are dropped first). A relative margin of 1e-10 covers float64 rounding.
+        input are dropped first). A relative margin of 1e-6 covers rounding (to float32 at worst).
     """
     w = weights.detach().double()
     if w.dim() == 5 and w.shape[-1] == 1:
@@ -152,8 +153,10 @@ class _SpectralNormalized(nn.Module):
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
         self.tol, self.max_iter = float(tol), max_iter
-        self._sigma_bar: Optional[torch.Tensor] = None  # certified bound of ||W||, for ...
-        self._refreshed_for: Optional[tuple] = None     # ... this weight version (see _weight_key)
+        # The certified bound of ||W|| (float64, updated in place: a compiled graph reads it as an
+        # input), for the weight version _refreshed_for (see _weight_key).
+        self.register_buffer("sigma_bar", torch.zeros((), dtype=torch.float64), persistent=False)
+        self._refreshed_for: Optional[tuple] = None
         self._checked: Optional[tuple] = None           # (weight version, lipschitz_bound())
 
     def _ops_of(self, w: torch.Tensor) -> tuple[LinearOp, LinearOp]:  # pragma: no cover - abstract
@@ -185,9 +188,9 @@ class _SpectralNormalized(nn.Module):
     def sigma(self) -> torch.Tensor:
         """The applied norm: value ``sigma_bar`` (a certified upper bound of ``||W||``), gradient of
         ``u^T W v`` with ``u``, ``v`` constant. Refreshes first if the weight changed."""
-        if self.stale:
+        if not torch.compiler.is_compiling() and self.stale:  # compiled: the enclosing block refreshes
             self.refresh()
-        sigma_bar = self._sigma_bar.to(self.weight.dtype)
+        sigma_bar = self.sigma_bar.to(self.weight.dtype)
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return sigma_bar
         estimate = (self.u.clone() * self._op(self.v.clone())).sum()  # clones: a later refresh is in place
@@ -210,6 +213,7 @@ class _SpectralNormalized(nn.Module):
         return self._checked[1]
 
 
+@torch.compiler.disable  # runs eagerly, between the compiled graphs (it reads version counters)
 @torch.no_grad()
 def refresh_spectral_norms(
     model: Union[nn.Module, Iterable[_SpectralNormalized]],
@@ -236,7 +240,7 @@ def refresh_spectral_norms(
     todo = [m for m in layers if m.stale or not stale_only]
     steps = dict(zip(map(id, todo), _advance_power_iterations(todo, n_iter, tol, backend)))
     _recompute_bounds(todo)
-    bounds = torch.stack([m._sigma_bar.cpu() for m in layers]) if layers else torch.empty(0, dtype=torch.float64)
+    bounds = torch.stack([m.sigma_bar.cpu() for m in layers]) if layers else torch.empty(0, dtype=torch.float64)
     steps = torch.tensor([steps.get(id(m), 0) for m in layers], dtype=torch.long)
     return (bounds, steps) if return_steps else bounds
 
@@ -268,7 +272,8 @@ def _recompute_bounds(layers: list[_SpectralNormalized]) -> None:
     for (_, hw, _), members in groups.items():
         bounds = norm_bounds(torch.stack([m.weight.detach() for m in members]), hw)
         for m, bound in zip(members, bounds):
-            m._sigma_bar, m._refreshed_for = bound, m._weight_key()
+            m.sigma_bar.copy_(bound)
+            m._refreshed_for = m._weight_key()
 
 
 @torch.no_grad()

@@ -304,3 +304,18 @@ def fixed_point_solve(
     info = FixedPointInfo(iterations=iterations, g_evals=evals, residual=residual, converged=converged)
     report_nonconvergence(info, on_fail)
     return x2.view(shape), info
+
+
+def _register_fake() -> None:
+    """The fused steps only update their arguments in place: their fake kernels do nothing."""
+    @torch.library.register_fake("acf::banach_step")
+    def _banach(x, gx, y, thr, converged, residual, counter, update):
+        return None
+
+    @torch.library.register_fake("acf::anderson_step")
+    def _anderson(x, gx, y, thr, converged, residual, counter, xh, fh, gram, slot, filled, reg, beta, update):
+        return None
+
+
+if _ext.available():
+    _register_fake()

@@ -15,7 +15,7 @@ SDPA on augmented vectors (``backend="sdpa"``, first order). Backend names: ``ac
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -103,97 +103,190 @@ def l2_attention_sdpa(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.T
     return _sdpa_graph(q, v, scale)
 
 
-class FusedKernels(Protocol):
-    """The three passes a fused backend provides on ``(B, H, N, d)`` / ``(B, H, N, e)`` tensors.
+# ---------------------------------------------------------------------------------------------
+# The fused backends as PyTorch ops: three passes each, registered with torch.library
+# ---------------------------------------------------------------------------------------------
+#
+# A fused backend provides three ops with one signature pattern (``extra``: backend arguments):
+#
+#     fwd(q, v, scale, *extra) -> (O, lse)                          lse: log-sum-exp per row
+#     bwd(q, v, O, lse, G, scale, *extra) -> (dq, dv)               the VJP for G = dL/dO
+#     bwd2(q, v, O, lse, G, U, W, scale, *extra) -> (gq, gv, gG)    the VJP of bwd for the
+#                                                                   cotangents (U, W) of (dq, dv)
+#
+# The autograd of fwd calls bwd, the autograd of bwd calls bwd2 (whose outputs already carry the
+# dependence of O and lse on q and v): the first and second derivatives are exact, a third raises.
+# ``acf._C`` defines acf::l2_attention_fwd/bwd/bwd2 (CPU, on (B*H, N, d) heads of any strides); the
+# Triton kernels define acf::l2_attention_triton_fwd/bwd/bwd2 (``torch.library.triton_op``, on
+# (B, H, N, d), extra argument: the fp32 precision). Below: their fake kernels (shapes only, for
+# torch.compile), autograd and vmap rules (for torch.func).
 
-    ``forward`` returns ``O`` and what the backward needs (e.g. the log-sum-exp, or P);
-    ``backward`` returns ``(dq, dv)`` for ``G = dL/dO`` and what the double backward needs;
-    ``double_backward`` returns the tangents ``(dq', dv', O')`` of ``(dq, dv, O)`` in the
-    direction ``(u, w)`` (the cotangents of ``(dq, dv)``); see ``acf.kernels.l2_attention``.
-    """
 
-    def forward(self, q: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]: ...
-
-    def backward(self, q: Tensor, v: Tensor, o: Tensor, g: Tensor, saved: tuple[Tensor, ...]
-                 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]: ...
-
-    def double_backward(self, q: Tensor, v: Tensor, o: Tensor, g: Tensor, saved: tuple[Tensor, ...],
-                        extra: tuple[Tensor, ...], u: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _FusedL2AttentionBackward(torch.autograd.Function):
-    """(q, v, G) -> (dq, dv) by ``kernels.backward``; differentiable once more (``double_backward``)."""
+def _passes(prefix: str) -> tuple:
+    """The three ops ``acf::<prefix>_fwd``, ``_bwd`` and ``_bwd2``."""
+    return tuple(getattr(torch.ops.acf, f"{prefix}_{name}") for name in ("fwd", "bwd", "bwd2"))
+
+
+def _vjp_of_fwd(prefix: str, args: tuple, q: Tensor, v: Tensor, o: Tensor, lse: Tensor, g: Tensor):
+    """``(dq, dv)``: the VJP of ``fwd`` for ``G``, itself differentiable (``_BackwardPass``)."""
+    return _BackwardPass.apply(q, v, o.detach(), lse.detach(), g.to(v.dtype), prefix, args)
+
+
+def _vjp_of_bwd(prefix: str, args: tuple, q: Tensor, v: Tensor, o: Tensor, lse: Tensor, g: Tensor,
+                u: Optional[Tensor], w: Optional[Tensor]):
+    """``(gq, gv, gG)``: the VJP of ``bwd`` for the cotangents ``(U, W)`` of ``(dq, dv)`` (``_DoubleBackwardPass``)."""
+    u = torch.zeros_like(q) if u is None else u.to(q.dtype)
+    w = torch.zeros_like(v) if w is None else w.to(v.dtype)
+    return _DoubleBackwardPass.apply(q, v, o, lse, g, u, w, prefix, args)
+
+
+_THIRD_ORDER = ("l2_attention: the fused backends differentiate twice, not three times (the double backward "
+                "cannot be differentiated again); use backend='reference' for higher orders")
+
+
+class _ForwardPass(torch.autograd.Function):
+    """``fwd`` with the VJP ``_vjp_of_fwd``; ``setup_context`` and a generated vmap rule (the ops have
+    vmap rules) make it work under torch.func (``grad``, ``vjp``, ``jacrev``, ``vmap``) and compile."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, q, v, o, g, kernels, *saved):
-        dq, dv, extra = kernels.backward(q, v, o, g, saved)
-        ctx.save_for_backward(q, v, o, g, *saved, *extra)
-        ctx.kernels, ctx.n_saved = kernels, len(saved)
-        return dq, dv
+    def forward(q, v, prefix, args):
+        return _passes(prefix)[0](q, v, *args)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):
+        q, v, ctx.prefix, ctx.args = inputs
+        ctx.save_for_backward(q, v, *output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, g, _g_lse):
+        return (*_vjp_of_fwd(ctx.prefix, ctx.args, *ctx.saved_tensors, g), None, None)
+
+
+class _BackwardPass(torch.autograd.Function):
+    """``bwd``, differentiable once more through ``bwd2`` (whose outputs carry the dependence of O and
+    lse on q and v, so O and lse get no gradient here)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, v, o, lse, g, prefix, args):
+        return _passes(prefix)[1](q, v, o, lse, g, *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, v, o, lse, g, ctx.prefix, ctx.args = inputs
+        ctx.save_for_backward(q, v, o, lse, g)
+
+    @staticmethod
     def backward(ctx, u, w):
-        q, v, o, g, *rest = ctx.saved_tensors
-        saved, extra = tuple(rest[:ctx.n_saved]), tuple(rest[ctx.n_saved:])
-        gq, gv, gg = ctx.kernels.double_backward(q, v, o, g, saved, extra, u.to(q.dtype), w.to(v.dtype))
-        return (gq, gv, None, gg, None) + (None,) * ctx.n_saved
+        gq, gv, gg = _vjp_of_bwd(ctx.prefix, ctx.args, *ctx.saved_tensors, u, w)
+        return gq, gv, None, None, gg, None, None
 
 
-class _FusedL2Attention(torch.autograd.Function):
-    """q, v -> O by ``kernels.forward``; backward through ``_FusedL2AttentionBackward``."""
+class _DoubleBackwardPass(torch.autograd.Function):
+    """``bwd2``; differentiating it raises (third order)."""
 
-    @staticmethod
-    def forward(ctx, q, v, kernels):
-        o, saved = kernels.forward(q, v)
-        ctx.save_for_backward(q, v, o, *saved)
-        ctx.kernels = kernels
-        return o
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, g):
-        q, v, o, *saved = ctx.saved_tensors
-        dq, dv = _FusedL2AttentionBackward.apply(q, v, o.detach(), g.to(v.dtype), ctx.kernels, *saved)
-        return dq, dv, None
-
-
-def fused_l2_attention(q: Tensor, v: Tensor, kernels: FusedKernels) -> Tensor:
-    """L2 attention through a fused backend's three passes, differentiable twice."""
-    return _FusedL2Attention.apply(q, v, kernels)
-
-
-class _CPUKernels:
-    """``acf._C``'s CPU kernels (``csrc/l2_attention_cpu.cpp``): fused row passes per head that
-    recompute P from the saved log-sum-exp (memory ``B H N``); inputs of any strides."""
-
-    def __init__(self, scale: float) -> None:
-        self.scale = scale
+    def forward(q, v, o, lse, g, u, w, prefix, args):
+        return _passes(prefix)[2](q, v, o, lse, g, u, w, *args)
 
     @staticmethod
-    def _heads(t: Tensor) -> Tensor:
-        return t.reshape(-1, *t.shape[-2:])  # a view for the layer's column-major heads
+    def setup_context(ctx, inputs, output):
+        pass
 
-    def forward(self, q: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        o, lse = torch.ops.acf.l2_attention_fwd(self._heads(q), self._heads(v), self.scale)
-        return o.reshape(v.shape), (lse,)
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_THIRD_ORDER)
 
-    def backward(self, q, v, o, g, saved):
-        dq, dv = torch.ops.acf.l2_attention_bwd(*map(self._heads, (q, v, o)), saved[0], self._heads(g), self.scale)
-        return dq.reshape(q.shape), dv.reshape(v.shape), ()
 
-    def double_backward(self, q, v, o, g, saved, extra, u, w):
-        gq, gv, gg = torch.ops.acf.l2_attention_bwd2(*map(self._heads, (q, v, o)), saved[0],
-                                                     *map(self._heads, (g, u, w)), self.scale)
-        return gq.reshape(q.shape), gv.reshape(v.shape), gg.reshape(v.shape)
+def fused_l2_attention(q: Tensor, v: Tensor, prefix: str, *args) -> Tensor:
+    """``O`` through the fused passes ``acf::<prefix>_*`` (extra arguments ``args``), differentiable twice."""
+    return _ForwardPass.apply(q, v, prefix, args)[0]
+
+
+def _register_autograd(prefix: str) -> None:
+    """The same autograd on the ops themselves (for code that calls ``torch.ops.acf.*`` directly):
+    ``fwd`` through ``bwd``, ``bwd`` through ``bwd2``; differentiating ``bwd2`` raises."""
+    def setup_fwd(ctx, inputs, output):
+        q, v, *args = inputs
+        ctx.save_for_backward(q, v, *output)
+        ctx.args = tuple(args)
+
+    def backward_fwd(ctx, g, _g_lse):
+        return (*_vjp_of_fwd(prefix, ctx.args, *ctx.saved_tensors, g), *(None,) * len(ctx.args))
+
+    def setup_bwd(ctx, inputs, output):
+        q, v, o, lse, g, *args = inputs
+        ctx.save_for_backward(q, v, o, lse, g)
+        ctx.args = tuple(args)
+
+    def backward_bwd(ctx, u, w):
+        gq, gv, gg = _vjp_of_bwd(prefix, ctx.args, *ctx.saved_tensors, u, w)
+        return (gq, gv, None, None, gg, *(None,) * len(ctx.args))
+
+    def backward_bwd2(ctx, *grads):
+        raise RuntimeError(_THIRD_ORDER)
+
+    torch.library.register_autograd(f"acf::{prefix}_fwd", backward_fwd, setup_context=setup_fwd)
+    torch.library.register_autograd(f"acf::{prefix}_bwd", backward_bwd, setup_context=setup_bwd)
+    torch.library.register_autograd(f"acf::{prefix}_bwd2", backward_bwd2)
+
+
+def _register_vmap(prefix: str) -> None:
+    """vmap of each pass: the mapped dimension joins the leading (batch) dimension of every tensor."""
+    def rule_for(op):
+        def rule(info, in_dims, *args):
+            size = info.batch_size
+            flat = []
+            for arg, dim in zip(args, in_dims):
+                if isinstance(arg, torch.Tensor):
+                    arg = arg.movedim(dim, 0) if dim is not None else arg.expand(size, *arg.shape)
+                    arg = arg.reshape(size * arg.shape[1], *arg.shape[2:])
+                flat.append(arg)
+            outs = op(*flat)
+            return tuple(o.reshape(size, -1, *o.shape[1:]) for o in outs), (0,) * len(outs)
+        return rule
+
+    for name in ("fwd", "bwd", "bwd2"):
+        torch.library.register_vmap(f"acf::{prefix}_{name}", rule_for(getattr(torch.ops.acf, f"{prefix}_{name}")))
+
+
+def _register_cpu_ops() -> None:
+    """Fake kernels, autograd and vmap of ``acf._C``'s CPU ops (outputs take their input's layout)."""
+    @torch.library.register_fake("acf::l2_attention_fwd")
+    def _fwd(q, v, scale):
+        return torch.empty_like(v), q.new_empty(q.shape[:-1])
+
+    @torch.library.register_fake("acf::l2_attention_bwd")
+    def _bwd(q, v, o, lse, g, scale):
+        return torch.empty_like(q), torch.empty_like(v)
+
+    @torch.library.register_fake("acf::l2_attention_bwd2")
+    def _bwd2(q, v, o, lse, g, u, w, scale):
+        return torch.empty_like(q), torch.empty_like(v), torch.empty_like(v)
+
+    _register_autograd("l2_attention")
+    _register_vmap("l2_attention")
 
 
 def l2_attention_extension(q: Tensor, v: Tensor, scale: float) -> Tensor:
-    """``acf._C``'s per-head CPU kernels (float32 / float64), differentiable twice."""
+    """``acf._C``'s per-head CPU kernels (float32 / float64; ``torch.ops.acf.l2_attention_fwd``),
+    differentiable twice. The layer's column-major heads reach the kernels as views."""
     loaded = cpu_kernels_available()
     if q.device.type != "cpu" or q.dtype not in _CPU_DTYPES or not loaded:
         raise ValueError(f"l2_attention backend 'extension' needs CPU float32/float64 tensors and the compiled "
                          f"extension acf._C (got {q.dtype} on {q.device}; extension loaded: {loaded})")
-    return fused_l2_attention(q, v, _CPUKernels(scale))
+    o = fused_l2_attention(q.reshape(-1, *q.shape[-2:]), v.reshape(-1, *v.shape[-2:]), "l2_attention", scale)
+    return o.reshape(v.shape)
 
 
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -211,8 +304,7 @@ def l2_attention_triton(q: Tensor, v: Tensor, scale: Optional[float] = None, pre
     value). ``precision`` ("ieee" or "tf32") only matters for fp32 inputs; None follows
     ``torch.backends.cuda.matmul.allow_tf32``.
     """
-    from ..kernels import l2_attention as kernels  # imports triton
-
+    kernels = _triton_kernels()
     kernels.check_inputs(q, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scale = float(torch.tensor(float(scale), dtype=torch.float32))  # what the kernels see
@@ -220,7 +312,23 @@ def l2_attention_triton(q: Tensor, v: Tensor, scale: Optional[float] = None, pre
         raise ValueError(f"scale must be finite, got {scale}")
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
         return v * 0  # empty: nothing to attend over
-    return fused_l2_attention(q, v, kernels.TritonKernels(scale, kernels.precision_of(q.dtype, precision)))
+    return fused_l2_attention(q, v, "l2_attention_triton", scale, kernels.precision_of(q.dtype, precision))
+
+
+def _triton_kernels():
+    """``acf.kernels.l2_attention`` (importing it defines the Triton ops), with autograd and vmap
+    registered once."""
+    global _TRITON_REGISTERED
+    from ..kernels import l2_attention as kernels  # imports triton
+
+    if not _TRITON_REGISTERED:
+        _register_autograd("l2_attention_triton")
+        _register_vmap("l2_attention_triton")
+        _TRITON_REGISTERED = True
+    return kernels
+
+
+_TRITON_REGISTERED = False
 
 
 _BACKENDS: dict[str, Backend] = {
@@ -329,3 +437,7 @@ def l2_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return _select_backend(q, backend, v)(q, v, float(scale))
+
+
+if cpu_kernels_available():
+    _register_cpu_ops()

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import _ext
 from .._checks import check_tensor
 from .backends import EXTENSION_DTYPES, check_backend, use_extension
 
@@ -221,3 +222,14 @@ def spectral_norms(
         sigmas = torch.stack(sig)
         steps = torch.tensor(st, dtype=torch.long, device=w0.device)
     return (sigmas, steps) if return_steps else sigmas
+
+
+def _register_fake() -> None:
+    """Shapes of ``torch.ops.acf.power_iteration`` for torch.compile (it updates ``us``/``vs`` in place)."""
+    @torch.library.register_fake("acf::power_iteration")
+    def _(weights, us, vs, n_iter, tol, max_iter, check_every, strategy=0):
+        return weights[0].new_empty(len(weights)), weights[0].new_empty(len(weights), dtype=torch.long)
+
+
+if _ext.available():
+    _register_fake()

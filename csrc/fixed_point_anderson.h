@@ -1,5 +1,5 @@
-// The small per-sample solve of Anderson mixing, shared by the CPU (acf_ops.cpp) and CUDA
-// (acf_cuda.cu) steps. No torch and no CUDA headers: it compiles under g++ and nvcc alike.
+// The small per-sample solve of Anderson mixing, shared by the CPU (fixed_point.cpp) and CUDA
+// (fixed_point_cuda.cu) steps. No torch and no CUDA headers: it compiles under g++ and nvcc alike.
 #pragma once
 #include <cmath>
 

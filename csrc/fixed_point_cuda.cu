@@ -6,7 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "acf_cuda.h"
+#include "fixed_point_cuda.h"
 
 namespace acf_cuda {
 namespace {

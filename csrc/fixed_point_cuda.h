@@ -1,12 +1,12 @@
-// Raw-pointer CUDA launchers for acf._C (implemented in acf_cuda.cu).
+// Raw-pointer CUDA launchers of the fixed_point op (implemented in fixed_point_cuda.cu).
 //
-// This header deliberately includes no torch and no CUDA headers: acf_cuda.cu compiles standalone
-// with `nvcc -c csrc/acf_cuda.cu`, and acf_ops.cpp binds these launchers only when built WITH_CUDA.
+// This header deliberately includes no torch and no CUDA headers: fixed_point_cuda.cu compiles standalone
+// with `nvcc -c csrc/fixed_point_cuda.cu`, and fixed_point.cpp binds them only when built WITH_CUDA.
 // All tensors are row-major, contiguous, on the current device; `stream` is a cudaStream_t.
 #pragma once
 #include <cstdint>
 
-#include "anderson.h"
+#include "fixed_point_anderson.h"
 
 namespace acf_cuda {
 
