@@ -18,20 +18,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workloads as W  # noqa: E402
 
-RESULTS: dict = {}
+RESULTS: dict = {}  # summary_table(RESULTS) is printed after the module (bench/conftest.py)
 WORKLOADS = {"resflow": W.trained_like_blocks, "dense": W.dense_contractive_blocks}
 
 
 @pytest.fixture(scope="module")
 def stacks():
     return {name: make(device=W.DEV) for name, make in WORKLOADS.items()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary():
-    yield
-    if RESULTS:
-        print("\n" + summary_table(RESULTS))
 
 
 def summary_table(res: dict) -> str:

@@ -23,19 +23,12 @@ from acf import _ext  # noqa: E402
 
 BLOCKS = 16 if os.environ.get("ACF_BENCH_FULL") else 4
 HIDDEN = 512
-RESULTS: dict = {}
+RESULTS: dict = {}  # summary_table(RESULTS) is printed after the module (bench/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def resflow():
     return W.resflow_stack(BLOCKS, HIDDEN, W.DEV)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary():
-    yield
-    if RESULTS:
-        print("\n" + summary_table(RESULTS))
 
 
 def summary_table(res: dict) -> str:

@@ -44,6 +44,8 @@ else:
     NO_KERNELS = ""
 needs_kernels = pytest.mark.skipif(bool(NO_KERNELS), reason=NO_KERNELS)
 needs_ext = pytest.mark.skipif(not F.cpu_kernels_available(), reason="acf._C (CPU kernels) not built")
+# (B, H, N, d, e) of the fused kernels' tests: odd and non-power-of-two N, several head dims, e != d
+KERNEL_SHAPES = [(2, 2, 17, 4, 4), (1, 3, 100, 32, 20), (2, 1, 255, 16, 16), (1, 2, 64, 64, 8), (1, 1, 37, 128, 128)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,16 +142,7 @@ def assert_equals_reference(q, v, g, u, w, scale):
         torch.testing.assert_close(got[key], want[key], atol=1e-12, rtol=1e-10, msg=key)
 
 
-EXTENSION_SHAPES = [  # (B, H, N, d, e): odd and non-power-of-two N, several head dims, e != d
-    (1, 1, 1, 4, 4),
-    (2, 2, 17, 4, 4),
-    (1, 3, 100, 32, 20),
-    (2, 1, 255, 16, 16),
-    (1, 2, 64, 64, 8),
-    (3, 4, 49, 8, 8),
-    (1, 1, 37, 128, 128),
-    (2, 2, 196, 1, 3),
-]
+EXTENSION_SHAPES = [(1, 1, 1, 4, 4)] + KERNEL_SHAPES + [(3, 4, 49, 8, 8), (2, 2, 196, 1, 3)]  # B*H up to 12
 
 
 @needs_ext
@@ -312,14 +305,7 @@ def triton_fn(precision="ieee"):
     return lambda q, v, s: l2_attention_triton(q, v, s, precision=precision)
 
 
-TRITON_SHAPES = [  # (B, H, N, d, e): odd N, several head dims, e != d, B*H <= 4
-    (1, 1, 1, 16, 16),
-    (2, 2, 17, 4, 4),
-    (1, 3, 100, 32, 20),
-    (2, 1, 255, 16, 16),
-    (1, 2, 64, 64, 8),
-    (1, 1, 37, 128, 128),
-]
+TRITON_SHAPES = [(1, 1, 1, 16, 16)] + KERNEL_SHAPES  # B*H <= 4: the interpreter is slow
 
 
 @needs_kernels
