@@ -124,7 +124,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["acf", "acf.ops", "acf.layers", "acf.kernels"],
+    packages=["acf", "acf.ops", "acf.layers", "acf.experiments", "acf.kernels"],
     package_dir={"acf": "acf", "acf.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

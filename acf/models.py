@@ -217,7 +217,7 @@ class ACFModel(nn.Module):
         return standard_normal_logprob(z) + logdet
 
     def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
-        """Bits per dimension of dequantised 8-bit data ``x`` (DESIGN.md, "Data")."""
+        """Bits per dimension of dequantised 8-bit data ``x``: ``-(log p(x) - D log 256) / (D log 2)``."""
         return bits_per_dim(self.log_prob(x), self.dims)
 
     @torch.no_grad()

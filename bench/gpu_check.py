@@ -1,4 +1,4 @@
-"""GPU check of issue 4: time L2 attention backends, write $OUT/gpu_check.json and a markdown table.
+"""GPU check of L2 attention: time its backends, write $OUT/gpu_check.json and a markdown table.
 
 JSON: ``{"device", "torch", "triton", "date", "rows": [...], "skipped": [...], "notes": ...}``,
 each row ``{op, backend, dtype, batch, heads, n, d, ms, tflops, peak_mem_bytes}`` with op one of
@@ -21,7 +21,7 @@ branch with L2 attention, heads x d hidden channels, 16 image channels, h x w = 
 and convolutions (``logdet_block.flops``). peak_mem_bytes: peak allocated during the timed calls
 minus what was allocated before (inputs, model).
 
-Order: the comparisons the issue's targets need come first (N = 1024, then 4096; both dtypes;
+Order: the comparisons the speed-ups need come first (N = 1024, then 4096; both dtypes;
 triton / sdpa / reference side by side), so a budget cut loses the least important rows.
 
 Usage: python bench/gpu_check.py --out DIR [--budget-s 300] [--quick]
@@ -276,7 +276,7 @@ def markdown() -> str:
 
 
 def speedups() -> list[str]:
-    """triton vs sdpa / reference for the rows measured at the same shape (targets of issue 4)."""
+    """triton vs sdpa / reference for the rows measured at the same shape (the speed-ups of the report)."""
     by = {}
     for r in ROWS:
         by[(r["op"], r["backend"], r["dtype"], r["batch"], r["heads"], r["n"], r["d"])] = r

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of issue 4, for the lent GPU machine; run from the repository root. At most ~8 minutes
+# GPU check of the L2 attention kernels and ops, for the lent GPU machine; run from the repository root. At most ~8 minutes
 # (budget 450 s of work plus process start-up), Triton compile time included.
 # Writes $OUT/gpu_check.json (+ .md, rewritten after every benchmark row), $OUT/pytest_summary.txt,
 # $OUT/pytest_shard_*.log, $OUT/warm_*.log, $OUT/gpu_check.log; prints the markdown table.
@@ -64,7 +64,7 @@ fi
 
 # --- timed benchmarks -----------------------------------------------------------------------------
 OPS_S=0
-if [ -f bench/gpu_ops.py ]; then OPS_S=60; fi   # acf.ops rows (issue 5), run after the attention rows
+if [ -f bench/gpu_ops.py ]; then OPS_S=60; fi   # power_iteration / fixed_point rows, run after the attention rows
 B=$(( $(left) - 10 - OPS_S ))
 if [ "$B" -gt 30 ]; then
   log "benchmarks (budget ${B}s)"

@@ -1,4 +1,4 @@
-"""GPU timings of acf.ops (issue 5): spectral-norm refresh and fixed-point inversion.
+"""GPU timings of power_iteration (spectral-norm refresh) and fixed_point (fixed-point inversion).
 
 Writes ``OUT/gpu_ops.json`` (rewritten after every row, so a run cut short keeps what it measured):
 ``{"device", "torch", "extension", "date", "rows": [...], "skipped": [...], "notes"}``, each row
@@ -32,7 +32,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ops_workloads as W  # noqa: E402
+import workloads as W  # noqa: E402
 
 from acf import _ext  # noqa: E402
 from acf.ops.backends import backend_info  # noqa: E402
@@ -160,7 +160,7 @@ def main() -> int:
     torch.manual_seed(0)
     META.update(device=(torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"), torch=torch.__version__,
                 extension=backend_info()["extension"], date=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-                notes="acf.ops issue 5: see bench/gpu_ops.py docstring for the meaning of each field")
+                notes="power_iteration and fixed_point: see bench/gpu_ops.py docstring for the meaning of each field")
     _write(args.out)
     run(args.out, args.device, args.budget_s, args.quick)
     _write(args.out)

@@ -1,4 +1,4 @@
-"""The tolerance rule of issue 4 for fused L2 attention kernels, shared by the Triton and CPU tests.
+"""The tolerance rule for fused L2 attention kernels (Triton, CPU) and SDPA, used by tests/test_l2_attention.py.
 
 For every compared quantity x (output, VJP, double VJP), ``max|x_kernel - x_64| <= 2 max|x_ref -
 x_64| + floor`` where x_64 is the reference on float64 inputs and x_ref the same-precision PyTorch

@@ -16,8 +16,8 @@ def attention_fn(layer):
     return fn
 
 
-def test_constant_matches_design_numbers():
-    # DESIGN.md: the N-dependent factor is about 15, 41 and 106 at N = 64, 256, 1024 with d = 32.
+def test_constant_matches_known_values():
+    # The N-dependent factor of the L2 bound is about 15, 41 and 106 at N = 64, 256, 1024 with d = 32.
     assert [round(l2_attention_constant(n, 32)) for n in (64, 256, 1024)] == [14, 41, 106]
     assert l2_attention_constant(1, 4) == pytest.approx(0.5)  # N = 1: W0(0) = 0
 

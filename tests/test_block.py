@@ -1,5 +1,4 @@
 """The contractive block x + g(x): inversion, certified vs empirical Lipschitz, the dot-product failure."""
-import warnings
 
 import pytest
 import torch
@@ -7,7 +6,6 @@ import torch
 from acf.layers.block import ContractiveBlock
 from acf.layers.branches import BRANCHES
 from acf.ops.fixed_point import ConvergenceError
-from acf.ops.fixed_point import fixed_point_solve_reference as fixed_point_solve
 from acf.layers.logdet import LogdetEstimator
 from helpers import ascent_ratio, positive_branch, random_pair_ratio, saturate
 
@@ -93,32 +91,6 @@ def test_nonconvergence_is_reported():
     torch.testing.assert_close(info.residual, true_res)
     with pytest.raises(ConvergenceError):
         block.inverse(y, max_iter=2, on_fail="raise")
-
-
-def test_fixed_point_linear_contraction_matches_solve():
-    """g(x) = A x with ||A|| = 0.95: the solution is (I + A)^{-1} y; per-sample convergence freezes samples."""
-    torch.manual_seed(3)
-    a = torch.randn(10, 10, dtype=torch.float64)
-    a *= 0.95 / torch.linalg.matrix_norm(a, ord=2)
-    y = torch.randn(5, 10, dtype=torch.float64)
-    y[0] = 0  # converges at once
-    x, info = fixed_point_solve(lambda t: t @ a.t(), y, tol=1e-12, max_iter=2000)
-    exact = torch.linalg.solve(torch.eye(10, dtype=torch.float64) + a, y.t()).t()
-    assert bool(info.converged.all())
-    assert float((x - exact).abs().max()) < 1e-10
-    assert info.iterations < 2000
-
-
-def test_fixed_point_bad_input():
-    g = lambda t: 0.5 * t  # noqa: E731
-    with pytest.raises(ValueError, match="max_iter must be >= 1"):
-        fixed_point_solve(g, torch.randn(2, 3), max_iter=0)
-    with pytest.raises(ValueError, match="non-finite"):
-        fixed_point_solve(g, torch.tensor([[1.0, float("nan")]]))
-    with pytest.raises(ValueError, match="g changed the shape"):
-        fixed_point_solve(lambda t: t[:, :1], torch.randn(2, 3))
-    with pytest.raises(ValueError, match="on_fail"):
-        fixed_point_solve(g, torch.randn(2, 3), on_fail="shout")
 
 
 def test_block_bad_input():

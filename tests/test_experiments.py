@@ -8,7 +8,7 @@ import torch
 
 from acf import experiments as ex
 from acf.cli import main
-from acf.train import NonFiniteLossError
+from acf.train import NonFiniteLossError, TrainConfig
 
 pytestmark = [pytest.mark.filterwarnings("ignore:residual branch is not certified:RuntimeWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -109,7 +109,7 @@ def test_classification(out):
 def test_tight_sweeps_the_logit_range(out):
     rows, md, _ = outputs(out, "tight")
     s = ex.MICRO
-    default = ex.TrainConfig().delta_max
+    default = TrainConfig().delta_max
     assert [r["delta_max"] for r in rows] == [None] * s.seeds + [d for d in s.deltas + (default,) for _ in range(s.seeds)]
     assert [r["gamma_init"] for r in rows[-s.seeds:]] == [1.0] * s.seeds  # attention switched on from the start
     assert all(r["reused"] == 1 for r in rows if r["delta_max"] is None)  # the convergence runs
@@ -135,8 +135,18 @@ def test_interpolation(out):
     assert len(table_rows(md)) == N_VARIANTS
 
 
+def test_one_registry_in_run_order():
+    """One entry per experiment module, in the order ``all`` runs them; each knows its table."""
+    assert list(ex.EXPERIMENTS) == ["convergence", "heads", "awgn", "dot", "classification", "interpolation",
+                                    "tight", "long"]
+    for name, entry in ex.EXPERIMENTS.items():
+        module = getattr(ex, name)
+        assert entry is module.EXPERIMENT and entry.name == module.NAME == name
+        assert entry.run is module.run and entry.markdown is module.markdown
+
+
 def test_rerun_reuses_every_run(out):
-    ex.convergence(out, "micro", progress=False)
+    ex.convergence.run(out, "micro", progress=False)
     meta = json.loads((out / "convergence" / "convergence.json").read_text())
     assert meta["runs_trained"] == 0 and meta["runs_reused"] == N_VARIANTS
 
@@ -173,7 +183,7 @@ def test_nonfinite_run_is_recorded_once(tmp_path, monkeypatch):
         path.mkdir(parents=True, exist_ok=True)
         raise NonFiniteLossError("non-finite loss (nan) at step 1")
 
-    monkeypatch.setattr(ex, "train", blow_up)
+    monkeypatch.setattr(ex.runs, "train", blow_up)  # what ensure_run calls
     cfg = ex.train_config(ex.MICRO, ex.Variant("resflow", "dot"), seed=0)
     rec = ex.ensure_run(tmp_path, "dot", cfg, progress=False)
     assert rec.status == "nonfinite" and "nan" in rec.message and rec.history == []

@@ -366,7 +366,7 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
       for head dims up to 32; ``"reference"`` for larger head dims, and for half precision. The
       fused kernels keep every tile in registers, which wins while the head dim is small; from head
       dim 64 MKL's blocked products in the reference win. Measured on 2 cores over a training
-      step's mix (forward, 6 VJPs, one double VJP; ``bench/cpu_attention_crossover.py``): the fused
+      step's mix (forward, 6 VJPs, one double VJP; ``python bench/bench_l2_attention.py --crossover``): the fused
       kernels are 1.6-3.9x faster at head dims 8-16, 0.9-2.5x at head dim 32 (a tie below N = 1024,
       in O(N) instead of O(N^2) memory), 0.5-0.9x at head dims 64-128. On the CPU preset
       (``bench/bench_train_step.py``, N = 196, d = 8) a training step costs 2.6-3.0x the step

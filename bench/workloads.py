@@ -1,10 +1,13 @@
-"""Workloads of the acf.ops benchmarks (issue 5), shared by bench/bench_ops.py and bench/gpu_ops.py.
+"""Workloads of the op benchmarks, shared by bench/bench_power_iteration.py, bench/bench_fixed_point.py,
+bench/gpu_ops.py and bench/bench_l2_attention.py (``wall``).
 
 * ``resflow_stack``: the spectrally normalised layers of a CIFAR-10 Residual Flow: 3x32x32 images,
   squeezed to 12x16x16 and 48x8x8, ``blocks`` Residual-Flow branches per scale, 3x3 / 1x1 / 3x3
   convolutions with ``hidden`` channels (the paper's preset is 16 blocks per scale, hidden 512).
 * ``trained_like_blocks``: contractive blocks whose layers sit at their coefficients 0.90-0.98
   (weights scaled up, then normalised), as after training, and a batch to invert.
+* ``dense_contractive_blocks``: dense blocks whose Jacobians use their Lipschitz budget 0.90-0.98.
+* ``wall``: best-of-``repeat`` wall time; ``DEV`` and ``sync``: the device the benchmarks run on.
 """
 from __future__ import annotations
 
@@ -16,6 +19,15 @@ from acf.ops.fixed_point import fixed_point_solve
 from acf.layers.block import ContractiveBlock
 from acf.layers.branches import resflow_branch
 from acf.layers.spectral_norm import refresh_spectral_norms
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def sync() -> None:
+    """Wait for the device (CUDA kernels run asynchronously)."""
+    if CUDA:
+        torch.cuda.synchronize()
 
 
 def resflow_stack(blocks: int = 4, hidden: int = 512, device: str = "cpu") -> torch.nn.Module:
