@@ -13,7 +13,7 @@ CUDA build of several GB). Environment flags:
   installed torch is a CUDA build and ``nvcc`` (CUDA_HOME) is found.
 * ``ACF_NATIVE=1``: compile the whole extension with ``-march=native`` (``-mcpu=native`` on macOS)
   for the build machine only; the CPU attention kernels then have one variant, ``"native"``. The
-  default build runs on any CPU of its architecture (see ``compile_flags``), and as fast.
+  default build runs on any CPU of its architecture (see ``compile_flags``), as fast.
 * ``ACF_PORTABLE=1``: the default (a portable build); it overrides ``ACF_NATIVE=1``.
 * ``ACF_REQUIRE_EXTENSION=1``: a failed extension build fails the install (default: warn and
   install the pure-Python package, which then warns once at import and uses the references).
@@ -63,11 +63,12 @@ def compile_flags():
     * ``-fno-trapping-math``: nothing here traps on FP exceptions; it lets GCC vectorise loops with
       clamps and selects.
     * No ``-march``: the build runs on any CPU of its architecture (x86-64: SSE2). The CPU attention
-      kernels, where vector width pays (measured at N = 196, d = 8 on one core: AVX-512 about 2x
-      AVX2, 5x SSE2), are compiled for AVX-512, AVX2 + FMA and the baseline from one source, under
-      ``#pragma GCC target`` in their own translation units (``csrc/l2_attention_cpu.h``), and the
-      widest one the CPU supports is picked at run time: as fast as a ``-march=native`` build
-      (``bench/bench_cpu_isa.py``, ``bench/results/2026-11-30-cpu-isa-dispatch.md``).
+      kernels, where vector width pays (one core, N = 196-784, d = 8-32: the AVX2 variant takes
+      1.4-1.7x and SSE2 3.2-4.2x the time of AVX-512), are compiled for AVX-512, AVX2 + FMA and the
+      baseline from one source, under ``#pragma GCC target`` in their own translation units
+      (``csrc/l2_attention_cpu.h``), and the widest one the CPU supports is picked at run time:
+      within 5% of a ``-march=native`` build on every shape measured (``bench/bench_cpu_isa.py``,
+      ``bench/results/2026-11-30-cpu-isa-dispatch.md``).
     * ``-march=native`` (``-mcpu=native`` on macOS; x86-64 / aarch64) only with ``ACF_NATIVE=1``:
       the extension then runs only on CPUs like the build machine, and ``ACF_NATIVE_BUILD`` leaves
       the attention kernels one variant, compiled for it.
