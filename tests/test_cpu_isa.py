@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from acf import functional as F
+from acf.ops import l2_attention as F
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("avx512", "avx2", "baseline")  # widest first

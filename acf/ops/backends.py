@@ -78,6 +78,8 @@ def backend_info() -> dict:
             "cuda": bool(ext is not None and getattr(ext, "WITH_CUDA", 0)),
             "path": getattr(ext, "__file__", None),
             "error": _ext.error(),
+            # the CPU attention kernels' instruction set, picked at run time (ACF_CPU_ISA overrides)
+            "cpu_isa": torch.ops.acf.cpu_isa() if ext is not None and hasattr(torch.ops.acf, "cpu_isa") else None,
         },
     }
     if torch.cuda.is_available():
@@ -110,7 +112,8 @@ def format_backend_info(info: Optional[dict] = None) -> str:
     info = backend_info() if info is None else info
     ext = info["extension"]
     ext_state = ("not loaded" + (f" ({ext['error']})" if ext["error"] else "")) if not ext["loaded"] else \
-        "loaded: CPU" + (" + CUDA" if ext["cuda"] else " (no CUDA kernels)")
+        "loaded: CPU" + (f" ({ext['cpu_isa']} attention kernels)" if ext.get("cpu_isa") else "") + \
+        (" + CUDA" if ext["cuda"] else " (no CUDA kernels)")
     lines = [
         f"acf          {info['acf']}",
         f"python       {info['python']}",
