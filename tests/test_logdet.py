@@ -188,3 +188,16 @@ def test_bad_config(kwargs, match):
 def test_exact_refuses_large_inputs():
     with pytest.raises(ValueError, match="meant for small inputs"):
         exact_logdet(lambda t: t, torch.randn(1, 5000, requires_grad=True), max_dim=4096)
+
+
+def test_exact_logdet_of_a_non_finite_jacobian_is_nan_per_sample():
+    """A sample whose Jacobian holds NaN gets a NaN log-det (LAPACK is never handed NaN: its LU can
+    hang on it); the other samples keep theirs."""
+    def g(t):
+        return 0.3 * torch.tanh(t) * torch.sigmoid(t.sum(1, keepdim=True))
+
+    x = torch.tensor([[0.1, 0.2, 0.3], [float("nan"), 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    _, logdet = exact_logdet(g, x)
+    _, alone = exact_logdet(g, x[:1].detach().requires_grad_(True))
+    assert math.isnan(float(logdet[1]))
+    torch.testing.assert_close(logdet[0], alone[0])

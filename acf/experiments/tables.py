@@ -46,25 +46,30 @@ def _finite(values: Iterable) -> tuple[list[float], int]:
     return [v for v in vals if math.isfinite(v)], len(vals)
 
 
-def mean_std(values: Iterable, spec: str = ".4f") -> str:
-    """``"mean ± std"`` (sample std) of the finite values, ``"mean"`` for one, noting any non-finite."""
+def _mean_spread(values: Iterable, spec: str, standard_error: bool) -> tuple[str, list[float], int]:
+    """``"mean"`` or ``"mean ± spread"`` (sample std, or std / sqrt(n)) of the finite values, the finite
+    values and how many were given; a sign in ``spec`` goes on the mean only."""
     finite, total = _finite(values)
     if not finite:
-        return "non-finite" if total else "n/a"
+        return ("non-finite" if total else "n/a"), finite, total
     text = format(statistics.fmean(finite), spec)
     if len(finite) > 1:
-        text += " ± " + format(statistics.stdev(finite), spec.lstrip("+"))  # a sign on the mean only
-    return text + (f" ({len(finite)}/{total} finite)" if len(finite) < total else "")
+        spread = statistics.stdev(finite) / (math.sqrt(len(finite)) if standard_error else 1.0)
+        text += " ± " + format(spread, spec.lstrip("+"))
+    return text, finite, total
+
+
+def mean_std(values: Iterable, spec: str = ".4f") -> str:
+    """``"mean ± std"`` (sample std) of the finite values, ``"mean"`` for one, noting any non-finite."""
+    text, finite, total = _mean_spread(values, spec, standard_error=False)
+    return text + (f" ({len(finite)}/{total} finite)" if finite and len(finite) < total else "")
 
 
 def mean_se(values: Iterable, spec: str = "+.4f") -> str:
     """``"mean ± standard error (n)"`` of the finite values: how a paired difference is reported."""
-    finite, total = _finite(values)
+    text, finite, total = _mean_spread(values, spec, standard_error=True)
     if not finite:
-        return "non-finite" if total else "n/a"
-    text = format(statistics.fmean(finite), spec)
-    if len(finite) > 1:
-        text += " ± " + format(statistics.stdev(finite) / math.sqrt(len(finite)), spec.lstrip("+"))
+        return text
     return text + f" (n={len(finite)}" + (f" of {total})" if len(finite) < total else ")")
 
 

@@ -138,11 +138,13 @@ def exact_logdet(g: GFunc, x: torch.Tensor, create_graph: bool = False,
     rows = [torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True, create_graph=create_graph)[0]
             for i in range(dim)]
     jac = torch.stack([r.reshape(x.shape[0], dim) for r in rows], dim=1)  # (B, D_out, D_in)
+    # Samples whose Jacobian is not finite get NaN: LAPACK's LU can hang on NaN input.
+    finite = torch.isfinite(jac).flatten(1).all(1)
     eye = torch.eye(dim, dtype=jac.dtype, device=jac.device)
-    sign, logabs = torch.linalg.slogdet(eye + jac)
-    if bool((sign <= 0).any()):
+    sign, logabs = torch.linalg.slogdet(eye + torch.where(finite[:, None, None], jac, torch.zeros_like(jac)))
+    if bool((sign[finite] <= 0).any()):
         raise ValueError("det(I + J_g) <= 0: g is not contractive at this input")
-    return gx, logabs
+    return gx, torch.where(finite, logabs, torch.full_like(logabs, math.nan))
 
 
 def _series(gx: torch.Tensor, x: torch.Tensor, v: torch.Tensor, weights: Sequence[float],
