@@ -40,16 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_coefficient, check_image, check_tensor
-from ..ops.power_iteration import LinearOp, power_iteration, spectral_norms
+from ..ops.power_iteration import LinearOp, _normalize, power_iteration, spectral_norms
 
 # Relative margin added to every bound: covers the float64 rounding of the FFT, the Gram product and
 # the eigensolver (a few units of 1e-16), and the rounding of the bound to float32 (6e-8) when a model
 # is cast with ``.float()`` (which casts this buffer too).
 _ROUNDING_MARGIN = 1e-6
-
-
-def _normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    return x / x.norm().clamp_min(eps)
 
 
 def spectral_norm(weight: torch.Tensor, n_iter: Optional[int] = None, tol: float = 1e-6) -> torch.Tensor:
