@@ -21,13 +21,24 @@ from .ops.power_iteration import power_iteration, spectral_norms
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """``acf.load_run`` (``acf.evaluate.load_run``), imported on first use: it brings in the application
+    (training, figures: matplotlib), which ``import acf`` alone does not need."""
+    if name == "load_run":
+        from .evaluate import load_run
+
+        return load_run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ACFModel", "CertificateError", "DATASETS", "ModelConfig", "build_model", "load_dataset",
     "ActNorm", "CLipSwish", "ContractiveBlock", "ConvergenceError", "DotProductAttention", "ELU",
     "FixedPointInfo", "L2MultiheadAttention", "L2TightAttention", "LipNormAttention", "LipSwish", "LipschitzChain",
     "LogdetEstimator", "LogitTransform", "SequentialFlow", "SpectralConv2d", "SpectralLinear", "Squeeze",
     "bits_per_dim", "certified_bounds", "exact_logdet", "fixed_point_solve", "idensenet_branch", "iresnet_branch",
-    "l2_attention", "l2_mha_lipschitz_bound", "l2_tight_constant", "lipnorm_lipschitz_bound", "logdet_estimate",
+    "l2_attention", "load_run", "l2_mha_lipschitz_bound", "l2_tight_constant", "lipnorm_lipschitz_bound", "logdet_estimate",
     "make_attention", "norm_bounds", "power_iteration", "refresh_spectral_norms", "resflow_branch", "spectral_norm",
     "spectral_norms", "standard_normal_logprob",
     "uniform_dequantize",

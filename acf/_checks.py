@@ -117,3 +117,18 @@ def check_optional_str(value: object, name: str) -> None:
     """Raise ``TypeError`` unless ``value`` is a string or None."""
     if value is not None and not isinstance(value, str):
         raise TypeError(f"{name} must be a string or null, got {value!r} ({type(value).__name__})")
+
+
+def resolve_device(device: object, name: str = "device") -> torch.device:
+    """``"auto"`` -> CUDA when available, else the CPU; any other string or ``torch.device`` as torch
+    reads it. Errors name ``name`` and say what a device looks like."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"{name} must be a string, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{name} {device!r} is not a torch device (e.g. 'auto', 'cpu', 'cuda', 'cuda:1')") from None

@@ -7,17 +7,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from ._checks import check_int, resolve_device
 from .layers.branches import BRANCHES
 from .layers.flow import bits_per_dim, uniform_dequantize
-from .data import DATASETS
+from .data import DATASETS, load_dataset
 from .models import PRESETS, build_model
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
+from .train import CONTINUATION_SETTINGS, SAMPLE_TEMPERATURES, TrainConfig, read_config_file, read_run_config, train
 
 
 def synthetic_images(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -33,16 +32,17 @@ def synthetic_images(n: int, shape: tuple[int, int, int], seed: int) -> torch.Te
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device, "--device")
     torch.manual_seed(args.seed)
     shape = (1, args.size, args.size)
     attention = None if args.attention == "none" else args.attention
     flow = build_model(args.arch, attention, args.heads, shape, preset="cpu", blocks_per_scale=args.blocks,
-                       hidden=args.hidden, growth=args.hidden // 2, logit_alpha=0.05)
+                       hidden=args.hidden, growth=args.hidden // 2, logit_alpha=0.05).to(device)
     # Give the attention a visible weight (gamma = 0 makes it the identity at initialisation).
     for name, p in flow.named_parameters():
         if name.endswith("gamma"):
             p.data.fill_(1.0)
-    x = uniform_dequantize(synthetic_images(args.batch, shape, args.seed))
+    x = uniform_dequantize(synthetic_images(args.batch, shape, args.seed)).to(device)
     t0 = time.perf_counter()
     flow.train()
     flow(x)  # data-dependent ActNorm initialisation
@@ -55,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dims = x[0].numel()
     bounds = flow.lipschitz_bounds()
     print(f"ACF demo: {args.arch} + {args.attention} attention ({args.heads} heads), "
-          f"{len(bounds)} residual blocks, input {tuple(x.shape)}")
+          f"{len(bounds)} residual blocks, input {tuple(x.shape)} on {device}")
     print(f"  log-likelihood      {logp.mean():.2f} nats/image  ({bits_per_dim(logp, dims).mean():.3f} bits/dim, untrained)")
     print(f"  log-det (mean)      {logdet.mean():.2f}")
     print(f"  Lipschitz bounds    max {max(bounds):.4f} (all < 1: {all(b < 1 for b in bounds)})")
@@ -64,19 +64,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-RESUME_OPTIONS = ("steps",)  # what `acf train --resume` takes from the command line (--epochs sets steps)
+# What `acf train --resume` takes from the command line (--epochs sets steps): the continuation settings.
+RESUME_OPTIONS = CONTINUATION_SETTINGS
+# `acf train`'s defaults where they differ from TrainConfig's (the library's): the device.
+TRAIN_DEFAULTS = {"device": "auto"}
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _resumed_config(run: Path, given: dict) -> TrainConfig:
-    """The stored configuration of ``run`` with the options ``--resume`` takes from the command line
+def _resumed_config(run: Path, stored: TrainConfig, given: dict) -> TrainConfig:
+    """The configuration ``stored`` in ``run`` with the options ``--resume`` takes from the command line
     (``RESUME_OPTIONS``); any other option given with a value that differs from the stored one is refused."""
-    from .train import read_run_config
-
-    stored = read_run_config(run)
     differ = [f"{_flag(k)} {v} (stored: {getattr(stored, k)})" for k, v in given.items()
               if k not in RESUME_OPTIONS and v != getattr(stored, k)]
     if differ:
@@ -89,43 +89,44 @@ def _resumed_config(run: Path, given: dict) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     import datetime
 
-    from .train import TrainConfig, read_run_config, train
-
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     if "attention" in given and given["attention"] == "none":
         given["attention"] = None
+    if args.config and args.resume:
+        raise ValueError("--config and --resume exclude each other: --resume continues a run with the settings "
+                         "of its config.json")
+    # Settings: the resumed run's, or the --config file's, or the defaults; then the command line's.
+    base = (read_run_config(Path(args.resume)) if args.resume else
+            read_config_file(Path(args.config), TRAIN_DEFAULTS) if args.config else TrainConfig(**TRAIN_DEFAULTS))
     if args.epochs is not None:
-        from ._checks import check_int
-        from .data import load_dataset
-
         check_int(args.epochs, "--epochs", minimum=1)
-        base = read_run_config(Path(args.resume)) if args.resume else TrainConfig()
         data, root, batch = (given.get(k, getattr(base, k)) for k in ("data", "data_root", "batch_size"))
         given["steps"] = args.epochs * (len(load_dataset(data, root, "train")) // batch)
     if args.resume:
         run = Path(args.resume)
-        cfg = _resumed_config(run, given)
+        cfg = _resumed_config(run, base, given)
         taken = [f"{_flag(k)} {given[k]}" for k in RESUME_OPTIONS if k in given]
         note = f"; from the command line: {', '.join(taken)}" if taken else ""
         what = f"resuming {run} with the settings of its config.json{note}"
     else:
-        cfg = TrainConfig(**given)
+        cfg = dataclasses.replace(base, **given)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run = Path(args.out) if args.out else Path("runs") / f"{stamp}-{cfg.arch}-{cfg.attention or 'none'}-{cfg.data}"
-        what = str(run)
+        what = str(run) + (f" (settings from {args.config}, then the command line)" if args.config else "")
     from . import distributed
 
     if os.environ.get("RANK", "0") == "0":
-        print(f"acf train: {cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, {cfg.steps} steps -> {what}")
+        print(f"acf train: {cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, {cfg.steps} steps on "
+              f"{resolve_device(cfg.device)} -> {what}")
     args.interrupt_hint = f"; {run} keeps its last checkpoint (if any): continue with acf train --resume {run}"
-    trainer = train(cfg, run, resume=bool(args.resume))
+    trainer = train(cfg, run, resume=bool(args.resume), workers=args.workers)
     if not distributed.is_main():
         return 0
     last = trainer.history[-1]
     print(f"done in {last['seconds']:.0f} s of training: test bits/dim {last['test_bpd']:.4f}"
           + (f", accuracy {last['test_acc']:.4f}" if last.get("test_acc") is not None else ""))
     print(f"outputs in {run}: config.json metrics.csv metrics.json checkpoint.pt samples.png "
-          f"reconstructions.png convergence.png")
+          f"reconstructions.png convergence.png lipschitz.png")
     return 0
 
 
@@ -135,7 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import runfolder
     from .evaluate import evaluate_bits_per_dim, open_run
 
-    with open_run(args.run, args.device, f"acf {args.command}") as (cfg, model, test):
+    with open_run(args.run, args.device, f"acf {args.command}") as (model, test):
         for m in model.modules():  # more exact log-det terms than in training
             if hasattr(m, "estimator"):
                 m.estimator = dataclasses.replace(m.estimator, n_exact_eval=args.n_exact)
@@ -144,7 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   "n_exact": args.n_exact}
         out = Path(args.run) / "evaluation.json"
         runfolder.write_text(out, json.dumps(result, indent=1))
-    print(f"{cfg.data} test bits/dim {mean:.4f} +- {se:.4f} (standard error over {result['images']} images, "
+    print(f"{model.train_config.data} test bits/dim {mean:.4f} +- {se:.4f} (standard error over {result['images']} images, "
           f"{args.probes} probe(s), {args.n_exact} exact terms) -> {out}")
     return 0
 
@@ -152,7 +153,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_figure(args: argparse.Namespace) -> int:
     from .evaluate import open_run, write_interpolations, write_reconstructions, write_samples
 
-    with open_run(args.run, args.device, f"acf {args.command}") as (_, model, test):
+    with open_run(args.run, args.device, f"acf {args.command}") as (model, test):
         if args.command == "sample":
             out = write_samples(args.run, model, args.n, args.temperature)
         elif args.command == "reconstruct":
@@ -169,7 +170,7 @@ def cmd_perturb(args: argparse.Namespace) -> int:
 
     if any(s < 0 for s in args.sigma):
         raise ValueError(f"noise levels must be >= 0, got {args.sigma}")
-    with open_run(args.run, args.device, f"acf {args.command}") as (_, model, test):
+    with open_run(args.run, args.device, f"acf {args.command}") as (model, test):
         rows = awgn_robustness(model, test, args.sigma, args.n)
         for r in rows:
             print(f"sigma {r['sigma']:<6g} bits/dim {r['bits_per_dim']:.4f}  reconstruction error "
@@ -206,91 +207,126 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="acf", description="Attentive Contractive Flows")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a small ACF, print its log-likelihood, invert it")
-    demo.add_argument("--arch", choices=sorted(BRANCHES), default="resflow")
-    demo.add_argument("--attention", choices=["l2", "l2-tight", "lipnorm", "dot", "none"], default="l2")
-    demo.add_argument("--heads", type=int, default=4)
-    demo.add_argument("--size", type=int, default=16, help="image side (divisible by 4)")
-    demo.add_argument("--blocks", type=int, default=2, help="residual blocks per scale")
-    demo.add_argument("--hidden", type=int, default=32)
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=cmd_demo)
-    tr = sub.add_parser("train", help="train a model (default: ResFlow + L2 attention on MNIST-5k, CPU preset)")
-    tr.add_argument("--data", choices=sorted(DATASETS))
-    tr.add_argument("--data-root", dest="data_root", help="folder of a file-based data set")
-    tr.add_argument("--arch", choices=sorted(BRANCHES))
-    tr.add_argument("--attention", choices=["l2", "l2-tight", "lipnorm", "dot", "none"])
-    tr.add_argument("--gamma-init", dest="gamma_init", type=float,
-                    help="attention: initial gamma (0: each attention layer starts as the identity)")
-    tr.add_argument("--delta-max", dest="delta_max", type=float, help="l2-tight: logit range Delta")
-    tr.add_argument("--ball-radius", dest="ball_radius", type=float,
-                    help="l2-tight: token ball radius, in units of sqrt(channels per head)")
-    tr.add_argument("--head-layout", dest="head_layout", choices=["grouped", "multihead"], help="l2-tight: head layout")
-    tr.add_argument("--heads", type=int)
-    tr.add_argument("--preset", choices=sorted(PRESETS))
-    tr.add_argument("--task", choices=["density", "hybrid"])
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, except where it has none (``None``) or is a flag's off."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+ATTENTION_FLAG_CHOICES = ["l2", "l2-tight", "lipnorm", "dot", "none"]
+DEVICE_HELP = "auto: CUDA when available, else the CPU; or cpu, cuda, cuda:1, ..."
+
+
+def _train_options(tr: argparse.ArgumentParser) -> None:
+    """The options of ``acf train``. Their parser defaults stay ``None`` (so that ``cmd_train`` knows
+    which were given: they override ``--config`` and are checked against the stored run by
+    ``--resume``); the help shows the value used when an option is not given."""
+    used = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **TRAIN_DEFAULTS}
+
+    def option(*flags: str, parser: object = tr, help: str = "", **kw: object) -> None:
+        action = parser.add_argument(*flags, help=help, **kw)
+        if used.get(action.dest) is not None:
+            action.help = f"{help} (default: {used[action.dest]})".strip()
+
+    option("--config", metavar="FILE.json", help="settings from a JSON file: a run's config.json or an object of "
+           "training settings; options given here override it")
+    option("--data", choices=sorted(DATASETS), help="data set")
+    option("--data-root", dest="data_root", help="folder of a file-based data set")
+    option("--arch", choices=sorted(BRANCHES), help="residual branch")
+    option("--attention", choices=ATTENTION_FLAG_CHOICES, help="attention layer in each branch")
+    option("--gamma-init", dest="gamma_init", type=float,
+           help="attention: initial gamma (0: each attention layer starts as the identity)")
+    option("--delta-max", dest="delta_max", type=float, help="l2-tight: logit range Delta")
+    option("--ball-radius", dest="ball_radius", type=float,
+           help="l2-tight: token ball radius, in units of sqrt(channels per head)")
+    option("--head-layout", dest="head_layout", choices=["grouped", "multihead"], help="l2-tight: head layout")
+    option("--heads", type=int, help="attention heads")
+    option("--preset", choices=sorted(PRESETS), help="model size")
+    option("--task", choices=["density", "hybrid"], help="hybrid: bits/dim + a linear classifier on z")
     group = tr.add_mutually_exclusive_group()
-    group.add_argument("--steps", type=int, help="training steps (with --resume: extends the run)")
-    group.add_argument("--epochs", type=int, help="... or passes over the training set")
-    tr.add_argument("--batch-size", dest="batch_size", type=int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps")
-    tr.add_argument("--ema-decay", dest="ema_decay", type=float)
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--device")
-    tr.add_argument("--eval-every", dest="eval_every", type=int)
-    tr.add_argument("--eval-size", dest="eval_size", type=int)
-    tr.add_argument("--n-exact", dest="n_exact", type=int, help="roulette: exact log-det terms in training")
-    tr.add_argument("--n-exact-eval", dest="n_exact_eval", type=int, help="... and in evaluation")
-    tr.add_argument("--lam", type=float, help="roulette: Poisson rate")
-    tr.add_argument("--grad", choices=["neumann", "memory_efficient", "backprop"], help="log-det gradient")
+    option("--steps", parser=group, type=int, help="training steps (with --resume: extends the run)")
+    option("--epochs", parser=group, type=int, help="... or passes over the training set")
+    option("--batch-size", dest="batch_size", type=int, help="global batch (data-parallel: split over the processes)")
+    option("--lr", type=float, help="Adam learning rate")
+    option("--warmup", type=int, help="linear learning-rate warm-up steps")
+    option("--ema-decay", dest="ema_decay", type=float, help="EMA of the weights (what is evaluated)")
+    option("--seed", type=int, help="seed of the model, the batch order and the noise")
+    option("--device", help=DEVICE_HELP)
+    option("--eval-every", dest="eval_every", type=int, help="steps between evaluations (and checkpoints)")
+    option("--eval-size", dest="eval_size", type=int, help="test images per evaluation")
+    option("--n-exact", dest="n_exact", type=int, help="roulette: exact log-det terms in training")
+    option("--n-exact-eval", dest="n_exact_eval", type=int, help="... and in evaluation")
+    option("--lam", type=float, help="roulette: Poisson rate")
+    option("--grad", choices=["neumann", "memory_efficient", "backprop"], help="log-det gradient")
+    tr.add_argument("--workers", type=int, default=0,
+                    help="data-loading worker processes (0: in the training process; the batches are the same)")
     where = tr.add_mutually_exclusive_group()
     where.add_argument("--out", help="run folder, new or empty (default: runs/<time>-<arch>-<attention>-<data>)")
     where.add_argument("--resume", metavar="RUN", help="continue the run in RUN where it stopped, with the settings "
-                                                      "of its config.json; only --steps / --epochs may change")
-    tr.set_defaults(func=cmd_train)
-    ev = sub.add_parser("evaluate", help="test bits/dim of a run (unbiased estimator, standard error)")
-    ev.add_argument("run")
+                                                      "of its config.json; only --steps / --epochs and --device "
+                                                      "may change")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acf", description="Attentive Contractive Flows")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str, func: object) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    def run_command(name: str, text: str, func: object) -> argparse.ArgumentParser:
+        """A command on a run folder: its model on ``--device``."""
+        p = command(name, text, func)
+        p.add_argument("run", help="run folder written by acf train")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
+        return p
+
+    demo = command("demo", "build a small ACF, print its log-likelihood, invert it", cmd_demo)
+    demo.add_argument("--arch", choices=sorted(BRANCHES), default="resflow", help="residual branch")
+    demo.add_argument("--attention", choices=ATTENTION_FLAG_CHOICES, default="l2", help="attention layer")
+    demo.add_argument("--heads", type=int, default=4, help="attention heads")
+    demo.add_argument("--size", type=int, default=16, help="image side (divisible by 4)")
+    demo.add_argument("--blocks", type=int, default=2, help="residual blocks per scale")
+    demo.add_argument("--hidden", type=int, default=32, help="hidden channels of a branch")
+    demo.add_argument("--batch", type=int, default=8, help="images")
+    demo.add_argument("--seed", type=int, default=0, help="seed")
+    demo.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _train_options(command("train", "train a model (default: ResFlow + L2 attention on MNIST-5k, CPU preset)",
+                           cmd_train))
+    ev = run_command("evaluate", "test bits/dim of a run (unbiased estimator, standard error)", cmd_evaluate)
     ev.add_argument("--n-exact", dest="n_exact", type=int, default=20, help="exact log-det terms")
     ev.add_argument("--probes", type=int, default=1, help="independent estimates per image")
     ev.add_argument("--n", type=int, help="test images (default: all)")
-    ev.add_argument("--device", default="cpu")
-    ev.set_defaults(func=cmd_evaluate)
-    for name, text in (("sample", "samples.png from the run's EMA model"),
-                       ("reconstruct", "reconstructions.png: test images and f^-1(f(x))"),
-                       ("interpolate", "interpolations.png: latent interpolation between test pairs")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("run")
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--n", type=int, default=64 if name == "sample" else 8)
-        p.add_argument("--temperature", type=float, default=0.8)
-        p.add_argument("--pairs", type=int, default=4)
-        p.add_argument("--steps", type=int, default=8)
-        p.set_defaults(func=cmd_figure)
-    pt = sub.add_parser("perturb", help="AWGN robustness: bits/dim and reconstruction error against noise level")
-    pt.add_argument("run")
-    pt.add_argument("--sigma", type=float, nargs="+", default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.2])
+    sm = run_command("sample", "samples.png from the run's EMA model: a row block per temperature", cmd_figure)
+    sm.add_argument("--n", type=int, default=16, help="samples per temperature")
+    sm.add_argument("--temperature", type=float, nargs="+", default=list(SAMPLE_TEMPERATURES),
+                    help="one or more temperatures (standard deviations of z)")
+    rc = run_command("reconstruct", "reconstructions.png: test images and f^-1(f(x))", cmd_figure)
+    rc.add_argument("--n", type=int, default=8, help="test images")
+    it = run_command("interpolate", "interpolations.png: latent interpolation between test pairs", cmd_figure)
+    it.add_argument("--pairs", type=int, default=4, help="pairs of test images (rows)")
+    it.add_argument("--steps", type=int, default=8, help="images per pair, end points included")
+    pt = run_command("perturb", "AWGN robustness: bits/dim and reconstruction error against noise level", cmd_perturb)
+    pt.add_argument("--sigma", type=float, nargs="+", default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.2],
+                    help="noise levels (standard deviations on the [0, 1] scale)")
     pt.add_argument("--n", type=int, default=64, help="test images")
-    pt.add_argument("--device", default="cpu")
-    pt.set_defaults(func=cmd_perturb)
-    ex = sub.add_parser("experiment", help="run a paper experiment (or all): CSV, PNG, markdown table, JSON")
+    ex = command("experiment", "run a paper experiment (or all): CSV, PNG, markdown table, JSON", cmd_experiment)
     ex.add_argument("name", help="convergence, heads, awgn, dot, classification, interpolation, tight, long, all, or "
                                  "report (only fill --page from the results already in --out)")
     ex.add_argument("--scale", choices=["micro", "reduced", "full"], default="reduced",
                     help="micro: seconds (tests); reduced: a 2-core CPU within a session; full: hours")
     ex.add_argument("--out", default=os.path.join("runs", "experiments"),
-                    help="output folder (default: runs/experiments); finished runs in it are reused")
+                    help="output folder; finished runs in it are reused")
     ex.add_argument("--seeds", type=int, help="number of seeds (default: the scale's)")
     ex.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ex.add_argument("--quiet", action="store_true", help="no progress bars")
     ex.add_argument("--page", help="afterwards, fill this markdown page's generated blocks (docs/RESULTS.md)")
-    ex.set_defaults(func=cmd_experiment)
-    info = sub.add_parser("info", help="versions, active backends (Triton, extension, reference) and device")
-    info.set_defaults(func=cmd_info)
+    command("info", "versions, active backends (Triton, extension, reference) and device", cmd_info)
     return parser
 
 

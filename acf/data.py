@@ -540,16 +540,20 @@ class EpochBatchSampler(Sampler[torch.Tensor]):
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                drop_last: bool = True, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> DataLoader:
+                drop_last: bool = True, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
     """A ``DataLoader`` of ``(images uint8 (B, C, H, W), labels int64 (B,))`` batches.
 
     Batches are cut by an :class:`EpochBatchSampler` (``loader.sampler``) and fetched with one
     indexing step each. Per epoch call ``loader.sampler.set_epoch(epoch)``; to resume mid-epoch,
-    ``set_epoch(epoch, start_batch=next_batch)``; or use :func:`endless_batches`.
+    ``set_epoch(epoch, start_batch=next_batch)``; or use :func:`endless_batches`. The loader has a
+    generator of its own, so iterating it never draws from the global torch generator; its
+    ``num_workers`` worker processes (kept across epochs) fetch the batches the sampler cuts in this
+    process, so they change nothing in the batches.
     """
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last, rank, world_size)
-    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
 def endless_batches(loader: DataLoader, epoch: int = 0, batch: int = 0) -> Iterator[tuple[int, int, Any]]:

@@ -15,6 +15,14 @@ import torch.distributed as dist
 from torch import nn
 
 
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun, a CUDA device without an index becomes this process's GPU (``LOCAL_RANK``)."""
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
 def init(device: torch.device) -> tuple[int, int]:
     """Join the process group when launched by torchrun (``WORLD_SIZE > 1``); ``(rank, world_size)``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

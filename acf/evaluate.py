@@ -1,5 +1,6 @@
-"""Working with a finished (or checkpointed) run: test bits/dim, samples, reconstructions and
-latent interpolations (paper section 4.4), each written into the run folder."""
+"""Working with a finished (or checkpointed) run: loading it (``load_run``, also ``acf.load_run``), test
+bits/dim, samples, reconstructions and latent interpolations (paper section 4.4), each written into
+the run folder."""
 from __future__ import annotations
 
 import contextlib
@@ -7,20 +8,17 @@ import io
 import math
 from pathlib import Path
 import warnings
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
 from . import runfolder
-from ._checks import check_int
+from ._checks import check_int, resolve_device
 from .data import ImageDataset, load_dataset, to_float
-from .figures import save_figure, save_grid
+from .figures import save_figure, save_grid, save_samples
 from .layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from .models import ACFModel
-from .train import CHECKPOINT, CONFIG, TrainConfig, build_for, read_run_config
-
-RunContents = tuple[TrainConfig, ACFModel, ImageDataset]
-
+from .train import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES, TrainConfig, build_for, read_run_config
 
 def _require_run(run: Path) -> None:
     for f in (run / CONFIG, run / CHECKPOINT):
@@ -28,10 +26,17 @@ def _require_run(run: Path) -> None:
             raise FileNotFoundError(f"{f}: not found; {run} is not a run folder written by `acf train`")
 
 
-def load_run(run: Path, device: str = "cpu") -> RunContents:
-    """The run's configuration (validated), its EMA model (eval mode, from a safely loaded
-    checkpoint) and its test set."""
-    run = Path(run)
+def load_run(run: Union[str, Path], device: Union[str, torch.device] = "auto") -> ACFModel:
+    """The EMA model of the run in the folder ``run`` (written by ``acf train``), in eval mode on
+    ``device`` (``"auto"``: CUDA when available, else the CPU), whatever device it was trained on; its
+    validated training settings are ``model.train_config`` (a ``TrainConfig``), its test set
+    ``run_test_set(model.train_config)``. The checkpoint is loaded safely (tensors and plain data
+    only). For example::
+
+        model = acf.load_run("runs/20260101-120000-resflow-l2-mnist5k")
+        x, log_prob = model.sample(16, temperature=0.7, return_log_prob=True)
+    """
+    run, device = Path(run), resolve_device(device)
     _require_run(run)
     cfg = read_run_config(run)
     model = build_for(cfg).to(device)
@@ -41,18 +46,25 @@ def load_run(run: Path, device: str = "cpu") -> RunContents:
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise runfolder.RunFolderError(f"{run / CHECKPOINT} does not fit the model of {run / CONFIG}: "
                                        f"{' '.join(str(exc).split())[:300]}") from None
-    return cfg, model.eval(), load_dataset(cfg.data, cfg.data_root, "test")
+    model.train_config = cfg
+    return model.eval()
+
+
+def run_test_set(cfg: TrainConfig) -> ImageDataset:
+    """The test split of the data set a run was trained on."""
+    return load_dataset(cfg.data, cfg.data_root, "test")
 
 
 @contextlib.contextmanager
-def open_run(run: Path, device: str, holder: str) -> Iterator[RunContents]:
-    """``load_run`` for a command that writes into the run folder: it holds the folder's lock (so that
-    no training or other command writes meanwhile) and has checked the folder is writable before the
-    caller computes anything."""
+def open_run(run: Path, device: str, holder: str) -> Iterator[tuple[ACFModel, ImageDataset]]:
+    """``load_run`` (the model and its test set) for a command that writes into the run folder: it holds
+    the folder's lock (so that no training or other command writes meanwhile) and has checked the folder
+    is writable before the caller computes anything."""
     run = Path(run)
     _require_run(run)
     with runfolder.lock(run, holder):
-        yield load_run(run, device)
+        model = load_run(run, device)
+        yield model, run_test_set(model.train_config)
 
 
 @torch.no_grad()
@@ -89,9 +101,10 @@ def interpolations(model: ACFModel, test: ImageDataset, pairs: int = 4, steps: i
     return model.inverse(path.reshape(pairs * steps, -1)).clamp(0, 1)
 
 
-def write_samples(run: Path, model: ACFModel, n: int = 64, temperature: float = 0.8) -> Path:
+def write_samples(run: Path, model: ACFModel, n: int = 16, temperatures: Sequence[float] = SAMPLE_TEMPERATURES) -> Path:
+    """``samples.png``: ``n`` samples at each temperature, one labelled row block per temperature."""
     out = Path(run) / "samples.png"
-    save_grid(model.sample(n, temperature=temperature), out, int(math.sqrt(n)) or 1, f"samples (T={temperature})")
+    save_samples(model, out, n, temperatures, "samples")
     return out
 
 

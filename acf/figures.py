@@ -1,8 +1,11 @@
-"""PNG figures of a run: samples, reconstructions and the convergence curve (matplotlib, no display)."""
+"""PNG figures of a run: samples, reconstructions, the convergence curve and the certified Lipschitz
+bounds over training (matplotlib, no display)."""
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import matplotlib
 
@@ -10,12 +13,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ._checks import check_int  # noqa: E402
 from .data import to_float  # noqa: E402
 from .layers.flow import uniform_dequantize  # noqa: E402
 from .runfolder import atomic_write  # noqa: E402
+from .train import SAMPLE_TEMPERATURES  # noqa: E402
 
 if TYPE_CHECKING:
+    from .models import ACFModel
     from .train import Trainer
+
+MAX_BLOCK_LINES = 8  # lipschitz.png: one line per residual block up to this many, else max / median / min
 
 
 def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
@@ -37,13 +45,39 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
         plt.close(fig)
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int, title: str) -> None:
-    grid = image_grid(images.detach().float().cpu(), nrow).numpy()
-    fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + 0.4))
-    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
-    ax.set_title(title)
-    ax.axis("off")
+def save_grids(blocks: Sequence[tuple[str, torch.Tensor, int]], path: Path, title: str) -> None:
+    """One image grid per ``(label, images, nrow)`` block, stacked top to bottom, each labelled on its
+    left (an empty label: none)."""
+    grids = [image_grid(images.detach().float().cpu(), nrow).numpy() for _, images, nrow in blocks]
+    heights = [6 * g.shape[0] / g.shape[1] for g in grids]
+    fig, axes = plt.subplots(len(grids), 1, figsize=(6, sum(heights) + 0.4), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, grid, (label, _, _) in zip(axes[:, 0], grids, blocks):
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    axes[0, 0].set_title(title)
     save_figure(fig, path)
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int, title: str) -> None:
+    save_grids([("", images, nrow)], path, title)
+
+
+@torch.no_grad()
+def save_samples(model: "ACFModel", path: Path, n: int, temperatures: Sequence[float], title: str,
+                 **inverse_kwargs: object) -> None:
+    """``n`` samples at each temperature (``model.sample``): one labelled row block per temperature,
+    up to 8 images a row (more for large ``n``: the block stays about square)."""
+    check_int(n, "number of samples n", minimum=1)
+    if not temperatures:
+        raise ValueError("no sampling temperature given")
+    ncol = min(n, max(8, math.ceil(math.sqrt(n))))
+    blocks = [(f"T = {t:g}", model.sample(n, temperature=t, **inverse_kwargs), -(-n // ncol)) for t in temperatures]
+    save_grids(blocks, path, title)
 
 
 def save_convergence(history: list[dict], path: Path, title: str) -> None:
@@ -59,14 +93,41 @@ def save_convergence(history: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def save_lipschitz(history: list[dict], path: Path, title: str) -> None:
+    """The certified ``Lip(g)`` of the residual blocks at each evaluation against the step: one line per
+    block (``lipschitz_blocks``; max / median / min over blocks when there are many), the maximum
+    (``lipschitz_max``) for rows written before per-block bounds were recorded, and the line at 1."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = [h for h in history if h.get("lipschitz_blocks")]
+    steps = [h["step"] for h in rows]
+    names = list(rows[-1]["lipschitz_blocks"]) if rows else []
+    if len(names) <= MAX_BLOCK_LINES:
+        for name in names:
+            ax.plot(steps, [h["lipschitz_blocks"].get(name, math.nan) for h in rows], marker=".", label=name)
+    else:
+        per_row = [list(h["lipschitz_blocks"].values()) for h in rows]
+        for label, stat in (("max", max), ("median", statistics.median), ("min", min)):
+            ax.plot(steps, [stat(v) for v in per_row], marker=".", label=f"{label} over {len(names)} blocks")
+    if len(rows) < len(history):
+        ax.plot([h["step"] for h in history], [h["lipschitz_max"] for h in history], "k.:", label="max over blocks")
+    ax.axhline(1.0, color="tab:red", linestyle="--", linewidth=1, label="1: invertibility lost")
+    ax.set_xlabel("step")
+    ax.set_ylabel("certified Lip(g)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    save_figure(fig, path)
+
+
 @torch.no_grad()
 def write_figures(trainer: "Trainer", n: int = 16) -> None:
-    """``samples.png``, ``reconstructions.png`` (top: test images, bottom: f^-1(f(x))), ``convergence.png``."""
+    """``samples.png`` (``n`` per temperature of ``SAMPLE_TEMPERATURES``), ``reconstructions.png`` (top:
+    test images, bottom: f^-1(f(x))), ``convergence.png`` and ``lipschitz.png``."""
     run, cfg = trainer.run_dir, trainer.cfg
     model = trainer.ema if trainer.ema is not None else trainer.model
     model.eval()
     name = f"{cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, step {trainer.step}"
-    save_grid(model.sample(n, temperature=0.8, on_fail="warn"), run / "samples.png", 4, f"samples (T=0.8): {name}")
+    save_samples(model, run / "samples.png", n, SAMPLE_TEMPERATURES, f"samples: {name}", on_fail="warn")
     images, _ = trainer.test_set[slice(0, 8)]
     x = uniform_dequantize(to_float(images).to(trainer.device))
     z, _ = model(x)
@@ -75,3 +136,4 @@ def write_figures(trainer: "Trainer", n: int = 16) -> None:
     save_grid(torch.cat([x, x_rec]), run / "reconstructions.png", 2, f"reconstructions (max error {err:.1e})")
     if trainer.history:
         save_convergence(trainer.history, run / "convergence.png", name)
+        save_lipschitz(trainer.history, run / "lipschitz.png", f"certified bounds: {name}")

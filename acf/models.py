@@ -146,6 +146,8 @@ class ACFModel(nn.Module):
     Inputs are non-empty ``(B, C, H, W)`` batches in ``[0, 1]`` of the parameters' dtype: a float32
     model refuses float64 input (convert one of them: ``x.float()`` or ``model.double()``)."""
 
+    train_config: Optional[object] = None  # a loaded run's training settings (``acf.load_run`` sets them)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -221,13 +223,31 @@ class ACFModel(nn.Module):
         return bits_per_dim(self.log_prob(x), self.dims)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, **kwargs: object) -> torch.Tensor:
-        """``n`` (>= 1) images in ``[0, 1]`` from ``z ~ N(0, temperature^2 I)`` (``temperature >= 0``)."""
+    def sample(self, n: int, temperature: float = 1.0, return_log_prob: bool = False,
+               **inverse_kwargs: object) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``n`` (>= 1) images ``x`` in ``[0, 1]``: ``f^-1(z)`` for ``z ~ N(0, temperature^2 I)``
+        (``temperature >= 0``; below 1 trades diversity for cleaner images), clamped to ``[0, 1]``
+        (the inverse can land a hair outside the data's range). ``inverse_kwargs`` (``tol``,
+        ``max_iter``, ``on_fail``, ``method``) reach the residual blocks' inversion.
+
+        With ``return_log_prob=True`` returns ``(x, log_prob)`` (as normflows does): ``log_prob`` is
+        the model's ``log p(x)`` per image, in nats, of the returned (clamped) images, by a forward
+        pass with the evaluation estimator (eval mode for that pass). It is the density of the model
+        itself, whatever the temperature, and with a stochastic log-det estimator (Russian roulette,
+        Hutchinson probes) an unbiased estimate of it, not the exact value; where clamping moved a
+        pixel it is the density at the clamped image, not at the unclamped inverse."""
         check_int(n, "number of samples n", minimum=1)
         check_real(temperature, "temperature", low=0.0)
         p = next(self.parameters())
         z = torch.randn(n, self.dims, device=p.device, dtype=p.dtype) * temperature
-        return self.inverse(z, **kwargs).clamp(0.0, 1.0)
+        x = self.inverse(z, **inverse_kwargs).clamp(0.0, 1.0)
+        if not return_log_prob:
+            return x
+        was_training = self.training
+        try:
+            return x, self.eval().log_prob(x)
+        finally:
+            self.train(was_training)
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Class logits of the hybrid model from the latent ``z``."""

@@ -5,9 +5,10 @@ figures, each written atomically (``acf.runfolder``), by one process at a time (
 checkpoint holds the history and is written first; the metrics files are then rewritten from it (and
 again when the run is resumed), so a run killed at any point never lists a step its checkpoint does
 not have, and a resumed run never duplicates or loses rows. Everything random
-(batch order: a permutation per epoch from ``epoch_seed(seed, epoch)``; dequantisation noise,
-roulette draws and probes: the global torch generator, saved in the checkpoint) is reproducible,
-so a run resumed from a checkpoint ends with the same parameters as an uninterrupted one.
+(batch order: a ``DataLoader`` over ``acf.data.EpochBatchSampler``, a permutation per epoch from
+``epoch_seed(seed, epoch)``, restarted mid-epoch on resume; dequantisation noise, roulette draws and
+probes: the global torch generator, saved in the checkpoint) is reproducible, so a run resumed from a
+checkpoint ends with the same parameters as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -19,17 +20,17 @@ import json
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed, runfolder
-from ._checks import check_choice, check_int, check_optional_str, check_real
+from ._checks import check_choice, check_int, check_optional_str, check_real, resolve_device
 from .layers.block import CertificateError, certified_bounds
 from .layers.branches import BRANCHES
-from .data import DATASETS, epoch_seed, load_dataset, to_float
+from .data import DATASETS, endless_batches, load_dataset, make_loader, to_float
 from .layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from .layers.logdet import GRADS, LogdetEstimator
 from .models import ATTENTION_CHOICES, HEAD_LAYOUTS, PRESETS, ACFModel, build_model
@@ -37,6 +38,7 @@ from .models import ATTENTION_CHOICES, HEAD_LAYOUTS, PRESETS, ACFModel, build_mo
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")
 CONFIG, CHECKPOINT = "config.json", "checkpoint.pt"
 CONFIG_SECTIONS = ("train", "model", "world_size")  # of config.json; "train" is read back, the rest is a record
+SAMPLE_TEMPERATURES = (0.5, 0.7, 0.85, 1.0)  # samples.png (`acf train`, `acf sample`): a row block per temperature
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,7 +62,7 @@ class TrainConfig:
     warmup: int = 50
     ema_decay: float = 0.999
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"              # or "auto": CUDA when available (what `acf train` uses unless told)
     eval_every: int = 100
     eval_size: int = 200             # test images per evaluation (n_exact_eval terms: costly)
     n_exact: int = 2                 # roulette: exact terms in training
@@ -97,10 +99,7 @@ class TrainConfig:
         check_choice(self.head_layout, "head_layout", HEAD_LAYOUTS)
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string, got {self.device!r}")
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"device {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+        resolve_device(self.device)  # "auto" is resolved where the run starts
         if self.task == "hybrid" and DATASETS[self.data].n_classes == 0:
             raise ValueError(f"data set {self.data!r} has no labels: it cannot train a hybrid model")
 
@@ -119,31 +118,38 @@ def build_for(cfg: TrainConfig) -> ACFModel:
 def _write_metrics(run: Path, history: list[dict]) -> None:
     """``metrics.csv`` and ``metrics.json`` from the history the checkpoint holds (written after it)."""
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS)
+    writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS, extrasaction="ignore")  # per-block bounds: JSON only
     writer.writeheader()
     writer.writerows(history)
     runfolder.write_text(run / "metrics.csv", text.getvalue())
     runfolder.write_text(run / "metrics.json", json.dumps(history, indent=1))
 
 
+# Settings a run may change when it continues: it may be extended, and moved to another device (on
+# the same device it continues bit for bit).
+CONTINUATION_SETTINGS = ("steps", "device")
+
+
 def config_diff(stored: dict, cfg: TrainConfig) -> dict:
     """``{field: (stored, requested)}`` for the settings of ``cfg`` that differ from ``stored`` (a run's
-    ``asdict(TrainConfig)``), ``steps`` excepted: a run may be extended."""
-    return {k: (stored.get(k), v) for k, v in asdict(cfg).items() if k != "steps" and stored.get(k) != v}
+    ``asdict(TrainConfig)``), ``CONTINUATION_SETTINGS`` excepted."""
+    return {k: (stored.get(k), v) for k, v in asdict(cfg).items()
+            if k not in CONTINUATION_SETTINGS and stored.get(k) != v}
 
 
 # Settings that runs written before they existed do not store; their defaults reproduce those runs.
 SETTINGS_ADDED_LATER = ("gamma_init", "delta_max", "ball_radius", "head_layout")
 
 
-def config_from_dict(values: object, source: str = "config") -> TrainConfig:
-    """A ``TrainConfig`` from a dict of every setting (e.g. a run's config.json): unknown or missing
-    settings, wrong types and values out of range raise an error naming the setting and ``source``."""
+def config_from_dict(values: object, source: str = "config", complete: bool = True) -> TrainConfig:
+    """A ``TrainConfig`` from a dict of every setting (e.g. a run's config.json; with ``complete=False``
+    missing settings take their defaults): unknown or missing settings, wrong types and values out of
+    range raise an error naming the setting and ``source``."""
     if not isinstance(values, dict):
         raise TypeError(f"{source}: the training settings must be a JSON object, got {type(values).__name__}")
     names = [f.name for f in fields(TrainConfig)]
     unknown = sorted(set(values) - set(names))
-    missing = [n for n in names if n not in values and n not in SETTINGS_ADDED_LATER]
+    missing = [n for n in names if complete and n not in values and n not in SETTINGS_ADDED_LATER]
     if unknown or missing:
         raise ValueError(f"{source}: " + "; ".join(
             [f"unknown training setting(s) {unknown}"] * bool(unknown) + [f"missing setting(s) {missing}"] * bool(missing)))
@@ -161,24 +167,49 @@ def read_run_config(run: Path) -> TrainConfig:
     doc = runfolder.read_json(path)
     if not isinstance(doc, dict) or "train" not in doc:
         raise ValueError(f"{path}: no \"train\" section (the run's training settings)")
+    return _train_section(doc, path)
+
+
+def _train_section(doc: dict, path: Path) -> TrainConfig:
+    """The validated "train" section of a run's config.json ``doc``, read from ``path``."""
     unknown = sorted(set(doc) - set(CONFIG_SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {unknown}; a run's config.json holds {list(CONFIG_SECTIONS)}")
     return config_from_dict(doc["train"], f"{path} (train)")
 
 
+def read_config_file(path: Path, defaults: Optional[dict] = None) -> TrainConfig:
+    """Training settings from the JSON file ``path`` (``acf train --config``): a run's ``config.json``
+    (its "train" section, complete, as ``read_run_config`` reads it) or a JSON object of ``TrainConfig``
+    fields, where a missing field takes its value from ``defaults``, else ``TrainConfig``'s default.
+    Errors name the file and the field."""
+    path = Path(path)
+    doc = runfolder.read_json(path)
+    if isinstance(doc, dict) and "train" in doc:
+        return _train_section(doc, path)
+    return config_from_dict({**(defaults or {}), **doc} if isinstance(doc, dict) else doc, str(path), complete=False)
+
+
 class Trainer:
     """State of one run: model, EMA copy, optimizer, step, history; ``run()`` trains to ``cfg.steps``."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, workers: int = 0) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = torch.device(cfg.device)
+        self.device = distributed.local_device(resolve_device(cfg.device))
         self.rank, self.world = distributed.init(self.device)
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.train_set = load_dataset(cfg.data, cfg.data_root, "train")
         self.test_set = load_dataset(cfg.data, cfg.data_root, "test")
         if len(self.train_set) < cfg.batch_size:
             raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(self.train_set)} training images")
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {self.world} data-parallel "
+                             f"processes (each takes an equal share of the global batch)")
+        check_int(workers, "workers", minimum=0)
+        # Rank r's share of global batch i is its rows r::world: the sampler's per-rank batch i.
+        self.loader = make_loader(self.train_set, cfg.batch_size // self.world, seed=cfg.seed, rank=self.rank,
+                                  world_size=self.world, num_workers=workers, pin_memory=self.device.type == "cuda")
+        self._batches: Optional[Iterator[tuple[int, int, Any]]] = None  # from self.step on; reset by load()
         self.model = build_for(cfg).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
@@ -187,14 +218,14 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # own dequantisation noise and probes per rank
 
     # ---- data ---------------------------------------------------------------------------------
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``step``: epoch ``e`` visits the training set in the order of ``epoch_seed(seed, e)``."""
-        per_epoch = len(self.train_set) // self.cfg.batch_size
-        epoch, i = divmod(step, per_epoch)
-        gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch))
-        idx = torch.randperm(len(self.train_set), generator=gen)[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
-        images, labels = self.train_set[idx[self.rank::self.world]]  # this rank's share of the global batch
-        return to_float(images).to(self.device), labels.to(self.device)
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of batch ``self.step`` from the loader (epoch ``e`` visits the training set
+        in the order of ``epoch_seed(seed, e)``), started mid-epoch where the run stands."""
+        if self._batches is None:
+            self._batches = endless_batches(self.loader, *divmod(self.step, self.loader.sampler.batches_per_epoch))
+        _, _, (images, labels) = next(self._batches)
+        copy_async = self.device.type == "cuda"  # from pinned memory
+        return to_float(images.to(self.device, non_blocking=copy_async)), labels.to(self.device, non_blocking=copy_async)
 
     # ---- one step -----------------------------------------------------------------------------
     def objective(self, model: ACFModel, x: torch.Tensor, y: torch.Tensor
@@ -209,7 +240,7 @@ class Trainer:
 
     def train_step(self) -> float:
         self.model.train()
-        x, y = self.batch(self.step)
+        x, y = self.next_batch()
         if self.ema is None:  # data-dependent ActNorm initialisation on the first batch, then the EMA copy
             with torch.no_grad():
                 self.model(uniform_dequantize(x))
@@ -261,12 +292,12 @@ class Trainer:
         return float(torch.cat(bpds).mean()), acc
 
     @torch.no_grad()
-    def certified_lipschitz(self) -> float:
-        """Largest certified ``Lip(g)`` of the evaluated model (EMA, eval mode): the exact (Lanczos)
-        norms of the maps it applies. Raises ``CertificateError`` naming the block if one reaches 1
-        (the run then stops, its last checkpoint intact)."""
+    def certified_lipschitz(self) -> dict[str, float]:
+        """Certified ``Lip(g)`` of every residual block of the evaluated model (EMA, eval mode), by
+        name: the exact (Lanczos) norms of the maps it applies. Raises ``CertificateError`` naming the
+        block if one reaches 1 (the run then stops, its last checkpoint intact)."""
         try:
-            return max(certified_bounds(self.evaluated_model()).values())
+            return certified_bounds(self.evaluated_model())
         except CertificateError as exc:
             raise CertificateError(f"{exc} at step {self.step}; the last checkpoint in {self.run_dir} is "
                                    f"unchanged") from None
@@ -301,6 +332,7 @@ class Trainer:
         self.opt.load_state_dict(ckpt["opt"])
         self.sched.load_state_dict(ckpt["sched"])
         self.step, self.seconds, self.history = ckpt["step"], ckpt["seconds"], ckpt["history"]
+        self._batches = None  # the loader restarts at the loaded step
         if ckpt.get("world_size", 1) == self.world:  # exact continuation needs every rank's generator
             torch.set_rng_state(ckpt["rng"][self.rank])
 
@@ -319,9 +351,10 @@ class Trainer:
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                     if main:  # rank 0 evaluates and writes; the others wait in save()
                         test_bpd, acc = self.evaluate(self.cfg.eval_size)
+                        bounds = self.certified_lipschitz()
                         self.history.append({"step": self.step, "train_bpd": sum(recent) / len(recent),
                                              "test_bpd": test_bpd, "test_acc": acc, "seconds": round(self.seconds, 2),
-                                             "lipschitz_max": self.certified_lipschitz()})
+                                             "lipschitz_max": max(bounds.values()), "lipschitz_blocks": bounds})
                         if progress:
                             bar.write(f"step {self.step}: test bits/dim {test_bpd:.4f}"
                                       + (f", accuracy {acc:.4f}" if acc is not None else ""))
@@ -356,13 +389,14 @@ def _check_folder(run: Path, cfg: TrainConfig, resume: bool) -> None:
                               f"configuration (stored, requested): {diff}; choose another --out")
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> Trainer:
+def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True, workers: int = 0) -> Trainer:
     """Train (or resume) the run in ``run_dir`` as its only writer (the folder's lock, held by rank 0);
-    writes its files and figures; returns the trainer. The folder is created only once the data and
-    the model have been built, so a run that fails validation leaves nothing behind."""
+    writes its files and figures; returns the trainer. ``workers``: data-loading processes (0: batches
+    are cut in the training process; the batches are the same either way). The folder is created only
+    once the data and the model have been built, so a run that fails validation leaves nothing behind."""
     run_dir = Path(run_dir)
     _check_folder(run_dir, cfg, resume)
-    trainer = Trainer(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir, workers)
     main = distributed.is_main()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from acf.cli import main
-from acf.evaluate import interpolations, load_run, evaluate_bits_per_dim
+from acf.evaluate import evaluate_bits_per_dim, interpolations, load_run, run_test_set
 from acf.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,6 +18,12 @@ def run(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(TrainConfig(**TINY), out, progress=False)
     return out
+
+
+def loaded(run):
+    """The run's EMA model and its test set."""
+    model = load_run(run)
+    return model, run_test_set(model.train_config)
 
 
 def test_commands_write_their_files(run, capsys):
@@ -34,7 +40,7 @@ def test_commands_write_their_files(run, capsys):
 
 
 def test_interpolation_endpoints_are_the_test_images(run):
-    _, model, test = load_run(run)
+    model, test = loaded(run)
     torch.manual_seed(0)
     imgs = interpolations(model, test, pairs=2, steps=3).reshape(2, 3, *test.input_shape)
     # t = 0 and t = 1 decode the (dequantised) test images themselves: within a dequantisation bin.
@@ -44,7 +50,7 @@ def test_interpolation_endpoints_are_the_test_images(run):
 
 
 def test_standard_error_shrinks_with_probes(run):
-    _, model, test = load_run(run)
+    model, test = loaded(run)
     mean1, se1 = evaluate_bits_per_dim(model, test, n=32, probes=1)
     mean4, se4 = evaluate_bits_per_dim(model, test, n=32, probes=4)
     assert abs(mean1 - mean4) < 4 * se1 and se4 <= se1 * 1.05
@@ -68,9 +74,9 @@ def test_perturb_writes_csv_and_plot(run):
 def test_awgn_requantises_to_valid_images(run):
     """Noise is applied to the 8-bit images and re-quantised: sigma 0 changes nothing, and the
     bits/dim of the noisy images is a likelihood of valid 8-bit images (finite, reconstructable)."""
-    from acf.evaluate import awgn_robustness, load_run
+    from acf.evaluate import awgn_robustness
 
-    _, model, test = load_run(run)
+    model, test = loaded(run)
     rows = awgn_robustness(model, test, [0.0, 0.2], n=4)
     assert rows[0]["changed_pixels"] == 0.0 and rows[1]["changed_pixels"] > 0.3
     assert all(math.isfinite(r["bits_per_dim"]) and r["reconstruction_error"] < 1e-3 for r in rows)

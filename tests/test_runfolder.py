@@ -3,7 +3,6 @@ configurations, one-line CLI errors (I/O, permissions, a full disk, Ctrl-C)."""
 import errno
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from acf.cli import main
 from acf.runfolder import RunFolderError
 from acf.train import TrainConfig, Trainer, train
 
-from helpers import assert_same_checkpoint
+from helpers import assert_same_checkpoint, one_line_error
 
 TINY = dict(data="digits", heads=2, steps=2, batch_size=16, eval_every=2, eval_size=16, n_exact_eval=2, warmup=2)
 TINY_ARGS = ["--data", "digits", "--heads", "2", "--batch-size", "16", "--eval-size", "16", "--n-exact-eval", "2",
@@ -44,15 +43,6 @@ def run(trained, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(trained, copy)
     return copy
-
-
-def one_line_error(capsys, *words):
-    """The CLI's stderr (progress bars aside): one line ``acf <command>: ...`` holding ``words``, no traceback."""
-    err = capsys.readouterr().err
-    lines = [ln for ln in re.split(r"[\r\n]", err) if ln.strip() and not ln.startswith("train:")]
-    assert len(lines) == 1 and lines[0].startswith("acf ") and "Traceback" not in err, err
-    assert all(w in lines[0] for w in words), lines[0]
-    return lines[0]
 
 
 # ---- safe loading --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..data import ImageDataset, to_float
-from ..evaluate import load_run
+from ..evaluate import load_run, run_test_set
 from ..layers.attention import DotProductAttention, L2MultiheadAttention, L2TightAttention, LipNormAttention
 from ..layers.block import ContractiveBlock
 from ..layers.flow import uniform_dequantize
@@ -25,8 +25,8 @@ def load_trained(rec: RunRecord) -> tuple[ACFModel, ImageDataset]:
     """The run's EMA model and test set (without the construction warning of uncertified branches)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="residual branch is not certified")
-        _, model, test = load_run(rec.path)
-    return model, test
+        model = load_run(rec.path, "cpu")  # where the experiments train
+    return model, run_test_set(model.train_config)
 
 
 def first_attention_block(model: ACFModel) -> ContractiveBlock:
