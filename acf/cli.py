@@ -194,7 +194,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             print(f"{folder.name}: {folder / folder.name}.csv .md .png .json")
         print(f"acf experiment {args.name} --scale {args.scale}: done in {time.perf_counter() - t0:.0f} s")
     if args.page:
-        print(f"filled {fill_results_page(args.page, args.out)} from {args.out}")
+        page, missing = fill_results_page(args.page, args.out)
+        print(f"filled {page} from {args.out}" + (f"; no results yet for {', '.join(missing)} (their blocks are "
+                                                   f"left as they were)" if missing else ""))
     elif args.name == "report":
         raise ValueError("acf experiment report needs --page (the markdown page to fill)")
     return 0
@@ -296,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=8, help="images")
     demo.add_argument("--seed", type=int, default=0, help="seed")
     demo.add_argument("--device", default="auto", help=DEVICE_HELP)
-    _train_options(command("train", "train a model (default: ResFlow + L2 attention on MNIST-5k, CPU preset)",
-                           cmd_train))
+    _train_options(command("train", "train a model (default: Residual Flow without attention on MNIST-5k, CPU "
+                                    "preset, 2500 steps)", cmd_train))
     ev = run_command("evaluate", "test bits/dim of a run (unbiased estimator, standard error)", cmd_evaluate)
     ev.add_argument("--n-exact", dest="n_exact", type=int, default=20, help="exact log-det terms")
     ev.add_argument("--probes", type=int, default=1, help="independent estimates per image")

@@ -47,23 +47,25 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of one training run (``acf train --help`` lists them)."""
+    """Settings of one training run (``acf train --help`` lists them). The defaults are ``acf train``'s
+    default run, chosen by a measured sweep for a 2-core CPU and a budget of about 10 minutes
+    (``bench/results/2026-11-30-default-run.md``); the experiments fix their own settings."""
 
     data: str = "mnist5k"
     data_root: Optional[str] = None
     arch: str = "resflow"
-    attention: Optional[str] = "l2"
+    attention: Optional[str] = None  # "l2", "l2-tight", "lipnorm" or "dot": see docs/RESULTS.md
     heads: int = 4
     preset: str = "cpu"
     task: str = "density"            # or "hybrid": bits/dim + cross-entropy of a linear head on z
-    steps: int = 300
+    steps: int = 2500
     batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 50
-    ema_decay: float = 0.999
+    lr: float = 3e-3
+    warmup: int = 100
+    ema_decay: float = 0.99
     seed: int = 0
     device: str = "cpu"              # or "auto": CUDA when available (what `acf train` uses unless told)
-    eval_every: int = 100
+    eval_every: int = 500
     eval_size: int = 200             # test images per evaluation (n_exact_eval terms: costly)
     n_exact: int = 2                 # roulette: exact terms in training
     n_exact_eval: int = 20           # ... and in evaluation

@@ -18,8 +18,8 @@ from acf.train import METRIC_FIELDS, TrainConfig, Trainer, read_config_file, rea
 from helpers import one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY_ARGS = ["--data", "digits", "--heads", "2", "--batch-size", "16", "--eval-every", "2", "--eval-size", "16",
-             "--n-exact-eval", "2", "--warmup", "2"]
+TINY_ARGS = ["--data", "digits", "--attention", "l2", "--heads", "2", "--batch-size", "16", "--eval-every", "2",
+             "--eval-size", "16", "--n-exact-eval", "2", "--warmup", "2"]
 HERE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -57,7 +57,7 @@ def test_train_runs_on_the_auto_device(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command,shown", [
-    ("train", ["--steps STEPS", "(default: 300)", "(default: auto)", "(default: mnist5k)", "(default: 0.001)"]),
+    ("train", ["--steps STEPS", "(default: 2500)", "(default: auto)", "(default: mnist5k)", "(default: 0.003)"]),
     ("sample", ["samples per temperature (default: 16)", "(default: [0.5, 0.7, 0.85, 1.0])", "(default: auto)"]),
     ("evaluate", ["exact log-det terms (default: 20)", "test images (default: all)"]),
     ("perturb", ["test images (default: 64)"]),

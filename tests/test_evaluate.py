@@ -10,7 +10,8 @@ from acf.evaluate import evaluate_bits_per_dim, interpolations, load_run, run_te
 from acf.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY = dict(data="digits", heads=2, steps=2, batch_size=16, eval_every=2, eval_size=16, n_exact_eval=2, warmup=2)
+TINY = dict(data="digits", attention="l2", heads=2, steps=2, batch_size=16, eval_every=2, eval_size=16,
+            n_exact_eval=2, warmup=2)
 
 
 @pytest.fixture(scope="module")

@@ -217,6 +217,10 @@ def test_results_page_is_filled_from_the_runs(out, tmp_path):
     assert "stale numbers" not in text and "prose before" in text and "prose after" in text
     assert (out / "heads" / "heads.md").read_text().splitlines()[-1].strip() in text
     assert "### " in text and "results/heads/heads.png" in text
+    long_begin, long_end = ex._marker("long")  # a folder without their results: the blocks stay
+    page.write_text(f"{begin}\nkept\n{end}\n{long_begin}\nkept too\n{long_end}\n")
+    assert ex.fill_results_page(page, tmp_path / "none")[1] == ["heads", "long"]
+    assert "kept\n" in page.read_text() and "kept too" in page.read_text()
     page.write_text(f"{begin}\nno end marker\n")
     with pytest.raises(ValueError, match="no matching"):
         ex.fill_results_page(page, out)

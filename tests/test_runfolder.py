@@ -23,9 +23,10 @@ from acf.train import TrainConfig, Trainer, train
 
 from helpers import assert_same_checkpoint, one_line_error
 
-TINY = dict(data="digits", heads=2, steps=2, batch_size=16, eval_every=2, eval_size=16, n_exact_eval=2, warmup=2)
-TINY_ARGS = ["--data", "digits", "--heads", "2", "--batch-size", "16", "--eval-size", "16", "--n-exact-eval", "2",
-             "--warmup", "2"]
+TINY = dict(data="digits", attention="l2", heads=2, steps=2, batch_size=16, eval_every=2, eval_size=16,
+            n_exact_eval=2, warmup=2)
+TINY_ARGS = ["--data", "digits", "--attention", "l2", "--heads", "2", "--batch-size", "16", "--eval-size", "16",
+             "--n-exact-eval", "2", "--warmup", "2"]
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,8 @@ from acf.train import NonFiniteLossError, TrainConfig, Trainer, train
 from helpers import assert_same_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY = dict(data="digits", heads=2, steps=4, batch_size=16, eval_every=2, eval_size=16, n_exact_eval=2, warmup=2)
+TINY = dict(data="digits", attention="l2", heads=2, steps=4, batch_size=16, eval_every=2, eval_size=16,
+            n_exact_eval=2, warmup=2)
 
 
 def test_run_folder_and_metrics(tmp_path):

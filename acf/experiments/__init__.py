@@ -81,7 +81,7 @@ def rewrite_table(out: PathLike, name: str) -> Path:
     folder = Path(out) / name
     meta = json.loads((folder / f"{name}.json").read_text())
     scale = Scale(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["scale"].items()})
-    ctx = Context(name, Path(out), scale, False, 0.0, [])
+    ctx = Context(name, Path(out), scale, False, 0.0, [], meta["machine"].get("date"))
     path = folder / f"{name}.md"
     path.write_text(EXPERIMENTS[name].markdown(ctx, read_csv(folder / f"{name}.csv")) + "\n")
     return path
@@ -104,19 +104,23 @@ def generated_section(out: PathLike, name: str) -> str:
             f"Data: [`{name}.csv`](results/{name}/{name}.csv); figure:\n\n![{name}](results/{name}/{name}.png)")
 
 
-def fill_results_page(page: PathLike, out: PathLike) -> Path:
+def fill_results_page(page: PathLike, out: PathLike) -> tuple[Path, list[str]]:
     """Replace every ``<!-- BEGIN name ... -->`` ... ``<!-- END name -->`` block of ``page`` with the
-    generated section of experiment ``name`` (so the page's numbers come from the runs)."""
+    generated section of experiment ``name`` (so the page's numbers come from the runs). Returns the
+    page and the experiments whose block was left as it was because ``out`` holds no results for them."""
     page = Path(page)
     if not page.exists():
         raise FileNotFoundError(f"{page}: results page not found")
-    text = page.read_text()
+    text, missing = page.read_text(), []
     for name in EXPERIMENTS:
         begin, end = _marker(name)
         if begin in text:
             if end not in text:
                 raise ValueError(f"{page}: '{begin}' has no matching '{end}'")
+            if not all((Path(out) / name / f"{name}{suffix}").exists() for suffix in (".csv", ".json")):
+                missing.append(name)
+                continue
             head, rest = text.split(begin, 1)
             text = head + begin + "\n" + generated_section(out, name) + "\n" + end + rest.split(end, 1)[1]
     page.write_text(text)
-    return page
+    return page, missing
