@@ -8,7 +8,7 @@ Writes ``OUT/gpu_ops.json`` (rewritten after every row, so a run cut short keeps
   of a CIFAR-10 Residual Flow; backend ``python`` (per-layer ``layer.refresh``) or ``extension``
   (``acf.layers.spectral_norm.refresh_spectral_norms``); batch = number of layers, heads = blocks per scale,
   n = hidden channels, d = 1 (steps); extra ``speedup`` on the extension row.
-* op ``fixed_point_inverse``: inverting a 4-block stack at tol 1e-6; backend
+* op ``fixed_point_solve``: inverting a 4-block stack at tol 1e-6; backend
   ``<method>-<impl>`` with method banach/anderson and impl reference/extension;
   batch = samples, heads = blocks, n = features per sample, d = Anderson memory (0: Banach);
   extra ``g_evals`` (total over the stack), ``max_err`` (max |x_rec - x|), ``workload``.
@@ -121,7 +121,7 @@ def run(out: str, device: str, budget_s: float, quick: bool) -> None:
                  ("resflow", lambda: W.trained_like_blocks(hidden=128, batch=64, device=device))]
     for name, make in workloads:
         if left() < 30:
-            SKIPPED.append(f"fixed_point_inverse {name}: time budget spent")
+            SKIPPED.append(f"fixed_point_solve {name}: time budget spent")
             continue
         try:
             blocks, y, x = make()
@@ -140,12 +140,12 @@ def run(out: str, device: str, budget_s: float, quick: bool) -> None:
 
                 ms, mem = _time_ms(call, device, 3)
                 base_ms = ms if base_ms is None else base_ms
-                _row(out, op="fixed_point_inverse", backend=f"{method}-{impl}", batch=y.shape[0], heads=len(blocks),
+                _row(out, op="fixed_point_solve", backend=f"{method}-{impl}", batch=y.shape[0], heads=len(blocks),
                      n=feats, d=5 if method == "anderson" else 0, ms=ms, peak_mem_bytes=mem, g_evals=res["evals"],
                      max_err=float((res["x"] - x).abs().max()), workload=name,
                      time_vs_banach_reference=round(ms / base_ms, 3))
         except Exception as exc:  # noqa: BLE001
-            SKIPPED.append(f"fixed_point_inverse {name}: {type(exc).__name__}: {exc}")
+            SKIPPED.append(f"fixed_point_solve {name}: {type(exc).__name__}: {exc}")
             traceback.print_exc()
         _write(out)
 
