@@ -87,13 +87,18 @@ def rewrite_table(out: PathLike, name: str) -> Path:
     return path
 
 
+def has_results(out: PathLike, name: str) -> bool:
+    """Whether ``out`` holds experiment ``name``'s CSV and JSON (what its generated section is made of)."""
+    return all((Path(out) / name / f"{name}{suffix}").exists() for suffix in (".csv", ".json"))
+
+
 def generated_section(out: PathLike, name: str) -> str:
     """Experiment ``name``'s table (regenerated from its CSV) under ``out``, headings demoted below the
     page's sections, with the wall time and machine of its JSON and links to its CSV and figure."""
     folder = Path(out) / name
-    for suffix in (".csv", ".json"):
-        if not (folder / f"{name}{suffix}").exists():
-            raise FileNotFoundError(f"{folder / (name + suffix)}: not found; run `acf experiment {name} --out {out}` first")
+    if not has_results(out, name):
+        raise FileNotFoundError(f"{folder / name}.csv or .json: not found; run `acf experiment {name} --out {out}` "
+                                f"first")
     meta = json.loads((folder / f"{name}.json").read_text())
     text = rewrite_table(out, name).read_text().strip()
     text = "\n".join("###" + line[1:] if line.startswith("#") else line for line in text.splitlines())
@@ -117,7 +122,7 @@ def fill_results_page(page: PathLike, out: PathLike) -> tuple[Path, list[str]]:
         if begin in text:
             if end not in text:
                 raise ValueError(f"{page}: '{begin}' has no matching '{end}'")
-            if not all((Path(out) / name / f"{name}{suffix}").exists() for suffix in (".csv", ".json")):
+            if not has_results(out, name):
                 missing.append(name)
                 continue
             head, rest = text.split(begin, 1)
