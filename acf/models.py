@@ -154,7 +154,8 @@ class ACFModel(nn.Module):
         c, h, w = cfg.input_shape
         self.pre = LogitTransform(cfg.logit_alpha)
         self.stages = nn.ModuleList()
-        self.factored: list[tuple[int, int, int]] = []  # shapes of latents leaving after each stage
+        # per stage: the shape of the latent that leaves after it (factor-out), or None
+        self.factored: list[Optional[tuple[int, int, int]]] = []
         for scale in range(cfg.n_scales):
             layers: list[nn.Module] = []
             if scale > 0 or cfg.squeeze_first:
@@ -163,9 +164,9 @@ class ACFModel(nn.Module):
             for _ in range(cfg.blocks_per_scale):
                 layers += [ActNorm(c), _block(cfg, _branch(cfg, c, (h, w)))]
             self.stages.append(SequentialFlow(layers))
-            if cfg.factor_out and scale < cfg.n_scales - 1 and c % 2 == 0:
-                self.factored.append((c // 2, h, w))
-                c //= 2
+            leaves = cfg.factor_out and scale < cfg.n_scales - 1 and c % 2 == 0
+            self.factored.append((c // 2, h, w) if leaves else None)
+            c //= 2 if leaves else 1
         self.final_shape = (c, h, w)
         dim = c * h * w
         fc: list[nn.Module] = []
@@ -190,7 +191,7 @@ class ACFModel(nn.Module):
         for i, stage in enumerate(self.stages):
             x, ld = stage(x)
             logdet = logdet + ld
-            if i < len(self.factored):
+            if self.factored[i] is not None:
                 z_i, x = x.chunk(2, dim=1)
                 zs.append(z_i.flatten(1))
         b = x.shape[0]
@@ -203,13 +204,13 @@ class ACFModel(nn.Module):
         reach the residual blocks."""
         if z.dim() != 2 or z.shape[1] != self.dims:
             raise ValueError(f"z must have shape (batch, {self.dims}), got {tuple(z.shape)}")
-        sizes = [math.prod(s) for s in self.factored] + [math.prod(self.final_shape)]
-        parts = list(z.split(sizes, dim=1))
+        left = [s for s in self.factored if s is not None]
+        *parts, last = z.split([math.prod(s) for s in left] + [math.prod(self.final_shape)], dim=1)
         b = z.shape[0]
-        x = self.fc.inverse(parts[-1].reshape(b, -1, 1, 1), **kwargs).reshape(b, *self.final_shape)
+        x = self.fc.inverse(last.reshape(b, -1, 1, 1), **kwargs).reshape(b, *self.final_shape)
         for i in reversed(range(len(self.stages))):
-            if i < len(self.factored):
-                x = torch.cat([parts[i].reshape(b, *self.factored[i]), x], dim=1)
+            if self.factored[i] is not None:
+                x = torch.cat([parts.pop().reshape(b, *self.factored[i]), x], dim=1)
             x = self.stages[i].inverse(x, **kwargs)
         return self.pre.inverse(x)
 

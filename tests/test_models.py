@@ -53,6 +53,25 @@ def test_log_prob_matches_exact_change_of_variables():
     torch.testing.assert_close(bpd, -(expected - 64 * math.log(256)) / (64 * math.log(2)))
 
 
+@pytest.mark.parametrize("squeeze_first", [False, True])
+def test_factor_out_after_an_unsqueezed_stage(squeeze_first):
+    """The paper presets' layout: the first stage runs on the 1-channel image (no factor-out there,
+    its channels are odd), later stages factor out half; z, inverse and log p stay exact."""
+    model = tiny("resflow", None, n_scales=3, squeeze_first=squeeze_first, factor_out=True,
+                 estimator=LogdetEstimator(method="exact")).double()
+    assert model.factored == ([None, (2, 4, 4), None] if not squeeze_first else [(2, 4, 4), (4, 2, 2), None])
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 0.9 + 0.05
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        z, _ = model(x)
+        assert z.shape == (3, 64)
+        assert float((model.inverse(z, tol=1e-12) - x).abs().max()) <= 1e-8
+    jac = torch.autograd.functional.jacobian(lambda t: model(t)[0], x[:1]).reshape(64, 64)
+    expected = -0.5 * (z[0] ** 2).sum() - 32 * math.log(2 * math.pi) + torch.linalg.slogdet(jac)[1]
+    torch.testing.assert_close(model.log_prob(x[:1])[0], expected)
+
+
 def test_hybrid_head_and_presets():
     model = tiny("iresnet", "l2", n_classes=10)
     z, _ = model(torch.rand(2, 1, 8, 8))
