@@ -254,6 +254,8 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--batch-size", dest="batch_size", type=int, help="global batch (data-parallel: split over the processes)")
     option("--lr", type=float, help="Adam learning rate")
     option("--warmup", type=int, help="linear learning-rate warm-up steps")
+    option("--lr-schedule", dest="lr_schedule", choices=["constant", "cosine"],
+           help="learning rate after the warm-up: constant, or a cosine decay towards 0 at the end")
     option("--ema-decay", dest="ema_decay", type=float, help="EMA of the weights (what is evaluated)")
     option("--seed", type=int, help="seed of the model, the batch order and the noise")
     option("--device", help=DEVICE_HELP)

@@ -17,6 +17,7 @@ import copy
 import csv
 import io
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,6 +38,7 @@ from .models import ATTENTION_CHOICES, HEAD_LAYOUTS, PRESETS, ACFModel, build_mo
 
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")
 CONFIG, CHECKPOINT = "config.json", "checkpoint.pt"
+LR_SCHEDULES = ("constant", "cosine")
 CONFIG_SECTIONS = ("train", "model", "world_size")  # of config.json; "train" is read back, the rest is a record
 SAMPLE_TEMPERATURES = (0.5, 0.7, 0.85, 1.0)  # samples.png (`acf train`, `acf sample`): a row block per temperature
 
@@ -62,6 +64,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-3
     warmup: int = 100
+    lr_schedule: str = "constant"     # after the warm-up: "constant", or a "cosine" decay towards 0 at the end
     ema_decay: float = 0.99
     seed: int = 0
     device: str = "cpu"              # or "auto": CUDA when available (what `acf train` uses unless told)
@@ -87,6 +90,7 @@ class TrainConfig:
         check_choice(self.attention, "attention", ATTENTION_CHOICES)
         check_choice(self.preset, "preset", tuple(PRESETS))
         check_choice(self.grad, "grad", GRADS)
+        check_choice(self.lr_schedule, "lr_schedule", LR_SCHEDULES)
         for name in ("heads", "steps", "batch_size", "eval_every", "eval_size"):
             check_int(getattr(self, name), name, minimum=1)
         for name in ("warmup", "seed", "n_exact", "n_exact_eval"):
@@ -104,6 +108,18 @@ class TrainConfig:
         resolve_device(self.device)  # "auto" is resolved where the run starts
         if self.task == "hybrid" and DATASETS[self.data].n_classes == 0:
             raise ValueError(f"data set {self.data!r} has no labels: it cannot train a hybrid model")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) over ``cfg.lr``: a linear warm-up over
+    ``cfg.warmup`` steps, then 1 (``"constant"``) or ``(1 + cos(pi t)) / 2`` with ``t`` the fraction of
+    the remaining steps done (``"cosine"``; a run extended by ``--resume --steps`` continues on the
+    schedule of its new length)."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
+    if cfg.lr_schedule == "constant" or step < cfg.warmup:
+        return warm
+    t = min(1.0, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
+    return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def build_for(cfg: TrainConfig) -> ACFModel:
@@ -127,6 +143,10 @@ def _write_metrics(run: Path, history: list[dict]) -> None:
     runfolder.write_text(run / "metrics.json", json.dumps(history, indent=1))
 
 
+# Settings that runs written before they existed do not store, and the values that reproduce those runs.
+SETTINGS_ADDED_LATER = {"gamma_init": 0.0, "delta_max": 0.5, "ball_radius": 1.0, "head_layout": "grouped",
+                        "lr_schedule": "constant"}
+
 # Settings a run may change when it continues: it may be extended, and moved to another device (on
 # the same device it continues bit for bit).
 CONTINUATION_SETTINGS = ("steps", "device")
@@ -135,12 +155,9 @@ CONTINUATION_SETTINGS = ("steps", "device")
 def config_diff(stored: dict, cfg: TrainConfig) -> dict:
     """``{field: (stored, requested)}`` for the settings of ``cfg`` that differ from ``stored`` (a run's
     ``asdict(TrainConfig)``), ``CONTINUATION_SETTINGS`` excepted."""
+    stored = {**SETTINGS_ADDED_LATER, **stored}  # a run older than a setting ran with its old value
     return {k: (stored.get(k), v) for k, v in asdict(cfg).items()
             if k not in CONTINUATION_SETTINGS and stored.get(k) != v}
-
-
-# Settings that runs written before they existed do not store; their defaults reproduce those runs.
-SETTINGS_ADDED_LATER = ("gamma_init", "delta_max", "ball_radius", "head_layout")
 
 
 def config_from_dict(values: object, source: str = "config", complete: bool = True) -> TrainConfig:
@@ -155,6 +172,8 @@ def config_from_dict(values: object, source: str = "config", complete: bool = Tr
     if unknown or missing:
         raise ValueError(f"{source}: " + "; ".join(
             [f"unknown training setting(s) {unknown}"] * bool(unknown) + [f"missing setting(s) {missing}"] * bool(missing)))
+    if complete:
+        values = {**{k: v for k, v in SETTINGS_ADDED_LATER.items() if k not in values}, **values}
     try:
         return TrainConfig(**values)
     except (TypeError, ValueError) as exc:
@@ -214,7 +233,7 @@ class Trainer:
         self._batches: Optional[Iterator[tuple[int, int, Any]]] = None  # from self.step on; reset by load()
         self.model = build_for(cfg).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step, self.cfg))
         self.step, self.history, self.seconds = 0, [], 0.0
         self.ema: Optional[ACFModel] = None
         torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # own dequantisation noise and probes per rank

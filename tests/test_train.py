@@ -1,5 +1,6 @@
 """Training loop: run folder, exact resume, non-finite loss, config mismatch, hybrid task, CLI."""
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 
 from acf import runfolder
 from acf.cli import main
-from acf.train import NonFiniteLossError, TrainConfig, Trainer, train
+from acf.train import NonFiniteLossError, TrainConfig, Trainer, read_run_config, train
 
 from helpers import assert_same_checkpoint
 
@@ -117,6 +118,36 @@ def test_resume_refuses_another_configuration(tmp_path):
         train(TrainConfig(**TINY), tmp_path / "empty", resume=True, progress=False)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule(tmp_path, schedule):
+    """Linear warm-up over 3 steps, then constant or (1 + cos(pi t)) / 2 with t the fraction of the
+    7 remaining steps done: the rate each optimizer step used."""
+    cfg = TrainConfig(**{**TINY, "steps": 10, "warmup": 3, "lr": 0.01, "eval_every": 10, "lr_schedule": schedule})
+    trainer = Trainer(cfg, tmp_path)
+    used = []
+    for _ in range(cfg.steps):
+        used.append(trainer.opt.param_groups[0]["lr"])
+        trainer.train_step()
+    after = [1.0] * 7 if schedule == "constant" else [0.5 * (1 + math.cos(math.pi * t / 7)) for t in range(7)]
+    assert used == pytest.approx([0.01 * f for f in [1 / 3, 2 / 3, 1.0] + after], rel=1e-12)
+
+
+def test_run_older_than_a_setting_resumes_with_its_old_value(tmp_path, uninterrupted):
+    """A run folder written before ``lr_schedule`` (and the attention settings) existed stores none of
+    them: it reads back with the values it ran with, resumes, and ends like an uninterrupted run."""
+    run = tmp_path / "old"
+    train(TrainConfig(**{**TINY, "steps": 2}), run, progress=False)
+    doc = json.loads((run / "config.json").read_text())
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    for name in ("lr_schedule", "gamma_init", "delta_max", "ball_radius", "head_layout"):
+        del doc["train"][name], ckpt["config"][name]
+    (run / "config.json").write_text(json.dumps(doc))
+    torch.save(ckpt, run / "checkpoint.pt")
+    assert read_run_config(run) == TrainConfig(**{**TINY, "steps": 2})
+    assert main(["train", "--resume", str(run), "--steps", "4"]) == 0
+    assert_same_checkpoint(run / "checkpoint.pt", uninterrupted)
+
+
 def test_hybrid_task_reports_accuracy(tmp_path):
     trainer = train(TrainConfig(**{**TINY, "task": "hybrid", "arch": "iresnet"}), tmp_path / "run", progress=False)
     acc = trainer.history[-1]["test_acc"]
@@ -143,6 +174,7 @@ def test_bad_training_configuration():
     ("arch", "glow", "arch must be one of"),
     ("attention", "none", "attention must be one of None"),
     ("grad", "adjoint", "grad must be one of"),
+    ("lr_schedule", "linear", "lr_schedule must be one of"),
     ("data_root", 3, "data_root must be a string or null"),
     ("device", "gpu", "device 'gpu' is not a torch device"),
 ])
