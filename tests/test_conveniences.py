@@ -57,7 +57,7 @@ def test_train_runs_on_the_auto_device(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command,shown", [
-    ("train", ["--steps STEPS", "(default: 2500)", "(default: auto)", "(default: mnist5k)", "(default: 0.003)"]),
+    ("train", ["--steps STEPS", "(default: 3300)", "(default: auto)", "(default: mnist5k)", "(default: 0.005)", "(default: cpu-fc)"]),
     ("sample", ["samples per temperature (default: 16)", "(default: [0.5, 0.7, 0.85, 1.0])", "(default: auto)"]),
     ("evaluate", ["exact log-det terms (default: 20)", "test images (default: all)"]),
     ("perturb", ["test images (default: 64)"]),
@@ -147,7 +147,7 @@ def test_lipschitz_bounds_per_block(run):
     assert (run / "metrics.csv").read_text().splitlines()[0] == ",".join(METRIC_FIELDS)
     last = json.loads((run / "metrics.json").read_text())[-1]
     blocks = last["lipschitz_blocks"]
-    assert len(blocks) == 4 and max(blocks.values()) == last["lipschitz_max"] < 1
+    assert len(blocks) == 6 and max(blocks.values()) == last["lipschitz_max"] < 1  # 2 x 2 convolutional, 2 FC
 
 
 def test_run_without_per_block_bounds_resumes(run, tmp_path):

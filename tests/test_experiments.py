@@ -1,7 +1,8 @@
 """Every experiment of ``acf experiment`` runs at scale micro and writes plausible CSV / PNG / MD / JSON."""
+import hashlib
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -143,6 +144,17 @@ def test_one_registry_in_run_order():
         module = getattr(ex, name)
         assert entry is module.EXPERIMENT and entry.name == module.NAME == name
         assert entry.run is module.run and entry.markdown is module.markdown
+
+
+def test_run_key_ignores_settings_added_at_their_old_value():
+    """A setting added after runs were keyed changes no existing key at the value those runs used;
+    any other value is another run."""
+    cfg = ex.train_config(ex.MICRO, ex.Variant("resflow", None), seed=0)
+    assert cfg.lr_schedule == "constant"
+    older = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "lr_schedule")}
+    digest = hashlib.sha1(json.dumps(older, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    assert ex.run_key(cfg).endswith(digest)
+    assert ex.run_key(replace(cfg, lr_schedule="cosine")) != ex.run_key(cfg)
 
 
 def test_rerun_reuses_every_run(out):

@@ -165,10 +165,15 @@ def train_config(scale: Scale, variant: Variant, seed: int, task: str = "density
                        **EXPERIMENT_SETTINGS, **extra)
 
 
+# Settings added after runs were keyed, left out of the key at the value those runs used, so that
+# existing run folders keep their names.
+KEY_OMITS = {"lr_schedule": "constant"}
+
+
 def run_key(cfg: TrainConfig) -> str:
     """Folder name of a run: readable variant fields and a hash of the whole configuration except
     ``steps`` (so that raising the steps of a scale extends its runs instead of starting over)."""
-    values = {k: v for k, v in asdict(cfg).items() if k != "steps"}
+    values = {k: v for k, v in asdict(cfg).items() if k != "steps" and KEY_OMITS.get(k, ()) != v}
     digest = hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{cfg.data}-{cfg.task}-{cfg.arch}-{cfg.attention or 'none'}-h{cfg.heads}-s{cfg.seed}-{digest}"
 
