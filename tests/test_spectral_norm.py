@@ -109,6 +109,32 @@ def test_linear_normalised_exactly_and_differentiable():
     torch.testing.assert_close(lin.weight.grad, w.grad, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("cin,cout,batch", [(784, 128, 5), (7, 33, 1), (64, 64, 3)])
+def test_dense_1x1_convolution_matches_conv2d(cin, cout, batch):
+    """A 1x1 convolution on 1x1 inputs (the FC blocks) runs as one GEMM: values and first and second
+    derivatives (the log-det's double backward) equal conv2d's, float64."""
+    torch.manual_seed(cin + cout)
+    conv = SpectralConv2d(cin, cout, 1, (1, 1), coeff=0.9).double()
+    x = torch.randn(batch, cin, 1, 1, dtype=torch.float64, requires_grad=True)
+    w_hat = conv.normalized_weight()
+    ref = F.conv2d(x, w_hat, conv.bias)
+    y = conv(x)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert y.shape == (batch, cout, 1, 1)
+    v = torch.randn_like(y)
+    params = [x, conv.weight, conv.bias]
+    (gx,) = torch.autograd.grad(y, x, v, create_graph=True)
+    (gx_ref,) = torch.autograd.grad(ref, x, v, create_graph=True)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    u = torch.randn_like(gx)
+    second = torch.autograd.grad((gx * u).sum(), params[1:], allow_unused=True)
+    second_ref = torch.autograd.grad((gx_ref * u).sum(), params[1:], allow_unused=True)
+    for a, b in zip(second, second_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_refresh_iterates_to_the_tolerance():
     lin = SpectralLinear(30, 30, coeff=0.9)
     with torch.no_grad():

@@ -366,4 +366,7 @@ class SpectralConv2d(_SpectralNormalized):
                 f"input has spatial size {tuple(x.shape[2:])}; this {self.kernel_size}x{self.kernel_size} "
                 f"convolution was normalised for {self.input_hw}"
             )
-        return F.conv2d(x, self.normalized_weight(), self.bias, padding=self.padding)
+        w = self.normalized_weight()
+        if self.kernel_size == 1 and x.shape[2] == x.shape[3] == 1:  # a dense layer (FC blocks): one GEMM
+            return F.linear(x.flatten(1), w.flatten(1), self.bias)[:, :, None, None]
+        return F.conv2d(x, w, self.bias, padding=self.padding)
