@@ -173,7 +173,7 @@ def config_from_dict(values: object, source: str = "config", complete: bool = Tr
         raise ValueError(f"{source}: " + "; ".join(
             [f"unknown training setting(s) {unknown}"] * bool(unknown) + [f"missing setting(s) {missing}"] * bool(missing)))
     if complete:
-        values = {**{k: v for k, v in SETTINGS_ADDED_LATER.items() if k not in values}, **values}
+        values = {**SETTINGS_ADDED_LATER, **values}
     try:
         return TrainConfig(**values)
     except (TypeError, ValueError) as exc:
