@@ -195,7 +195,7 @@ def crossover(out: str | None = None) -> None:
             f.write(f"# L2 attention on CPU: fused kernels against the reference ({m['date'][:10]})\n\n"
                     f"`python bench/bench_l2_attention.py --crossover`: {where}. A training-step mix is forward + "
                     f"{VJPS_PER_STEP} VJPs + one double VJP; above 1x the fused kernels are faster (`cpu`: the "
-                    "extension's register-tiled kernels up to head dim 16, its blocked ones above).\n\n{text}\n")
+                    f"extension's register-tiled kernels up to head dim 16, its blocked ones above).\n\n{text}\n")
 
 
 def main() -> None:

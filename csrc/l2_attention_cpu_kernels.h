@@ -663,12 +663,12 @@ void row_dots(const Heads<T>& a, const Heads<T>& b, int64_t h, int64_t n, T* x) 
   }
 }
 
-// One thread's buffers: `count` blocks of (heads x rows x N) and, per head of the group, six N-long
-// rows: |q_j|^2, delta_j, one more per-column value and three sums; plus an N x d accumulator of the
-// key roles.
+// One thread's buffers: `count` blocks of (heads x rows x N) and, per head of the group, five N-long
+// rows (|q_j|^2, delta_j, one more per-column value and two sums); plus an N x d accumulator of the
+// key roles when heads run in blocks of rows.
 template <typename T>
 struct Blocks {
-  enum Row { kSq, kDelta, kExtra, kSum, kSum2, kUnused };
+  enum Row { kSq, kDelta, kExtra, kSum, kSum2, kRows };
   int64_t n, br, hg;  // rows per block, heads per group
   at::Tensor buf, sums, kacc;
   T a;  // scale * log2(e)
@@ -680,13 +680,13 @@ struct Blocks {
     const int64_t blocks = (n * n + kBlockElems - 1) / kBlockElems;
     return {(n + blocks - 1) / blocks, 1};
   }
-  Blocks(int count, int64_t bh, int64_t n_, int64_t dim, double scale, const at::TensorOptions& opts)
-      : n(n_), a(static_cast<T>(scale * M_LOG2E)) {
-    std::tie(br, hg) = shape(bh, n);
-    const int64_t nbuf = count * hg * br * n, nsums = 6 * hg * n, nkacc = whole() ? 0 : hg * n * dim;
+  Blocks(int count, std::pair<int64_t, int64_t> rows_heads, int64_t n_, int64_t dim, double scale,
+         const at::TensorOptions& opts)
+      : n(n_), br(rows_heads.first), hg(rows_heads.second), a(static_cast<T>(scale * M_LOG2E)) {
+    const int64_t nbuf = count * hg * br * n, nsums = kRows * hg * n, nkacc = whole() ? 0 : hg * n * dim;
     const at::Tensor all = at::from_blob(scratch<T>(nbuf + nsums + nkacc), {nbuf + nsums + nkacc}, opts);
     buf = all.narrow(0, 0, nbuf).view({count, hg, br, n});
-    sums = all.narrow(0, nbuf, nsums).view({6, hg, n});
+    sums = all.narrow(0, nbuf, nsums).view({kRows, hg, n});
     if (!whole()) kacc = all.narrow(0, nbuf + nsums, nkacc).view({hg, n, dim});
   }
   bool whole() const { return br == n; }
@@ -760,9 +760,9 @@ inline void add_sums(const T* x, int64_t i, int64_t n, T* rk) {
 template <typename T, typename F>
 void for_heads_blocked(const at::Tensor& q, int count, int64_t dim, double scale, const F& f) {
   const int64_t bh = q.size(0), n = q.size(1);
-  const int64_t grain = Blocks<T>::shape(bh, n).second;
-  at::parallel_for(0, bh, grain, [&](int64_t begin, int64_t end) {
-    Blocks<T> blocks(count, bh, n, dim, scale, q.options());
+  const auto rows_heads = Blocks<T>::shape(bh, n);
+  at::parallel_for(0, bh, rows_heads.second, [&](int64_t begin, int64_t end) {
+    Blocks<T> blocks(count, rows_heads, n, dim, scale, q.options());
     f(begin, end, blocks);
   });
 }

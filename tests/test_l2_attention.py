@@ -238,7 +238,7 @@ def test_extension_bad_input():
 
 
 @needs_ext
-def test_extension_nan_propagates():
+def test_extension_nan_propagates(cpu_kernel):
     """A NaN query poisons its softmax column, hence every row: NaN out, as in the reference."""
     q, v = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
     q[0, 1, 3, 2] = float("nan")
@@ -247,7 +247,7 @@ def test_extension_nan_propagates():
 
 
 @needs_ext
-def test_extension_forward_saves_no_n_by_n_matrix():
+def test_extension_forward_saves_no_n_by_n_matrix(cpu_kernel):
     """The forward keeps (q, v, O, lse): O(B H N (d + e)) memory; the backward recomputes P."""
     b, h, n, d = 2, 3, 200, 8
     q, v = torch.randn(b, h, n, d, requires_grad=True), torch.randn(b, h, n, d, requires_grad=True)
