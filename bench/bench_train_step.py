@@ -69,7 +69,8 @@ def make_trainer(variant: str) -> Trainer:
     attention, backend = VARIANTS[name.removesuffix("+legacy-sn")]
     settings, model = ({}, {}) if not width else (WIDTH_RUN, dict(hidden=int(width[1:]), fc_blocks=4))
     with mock.patch("acf.train.build_model", functools.partial(build_model, **model)):
-        trainer = Trainer(TrainConfig(attention=attention, steps=1000, **settings), tempfile.mkdtemp(prefix="acf-bench-"))
+        cfg = TrainConfig(attention=attention, steps=1000, **settings)
+        trainer = Trainer(cfg, tempfile.mkdtemp(prefix="acf-bench-"))
     if backend is not None:
         set_attention_backend(trainer.model, backend)
     return trainer
@@ -127,7 +128,8 @@ def main(rounds: int = 5, repeats: int = 1, legacy_sn: bool = False, widths: boo
     if legacy_sn:
         names += [v + "+legacy-sn" for v in names if v != "l2-reference"]
     if widths:
-        names += [f"h{h}:{v}" for h in WIDTHS for v in WIDTH_VARIANTS if not v.endswith("-cpu") or cpu_kernels_available()]
+        names += [f"h{h}:{v}" for h in WIDTHS for v in WIDTH_VARIANTS
+                  if not v.endswith("-cpu") or cpu_kernels_available()]
     trainers = {v: make_trainer(v) for v in names}
     for v, trainer in trainers.items():
         timed_step(trainer, 0, v.endswith("+legacy-sn"))  # warm-up
@@ -173,7 +175,8 @@ def write_widths_markdown(path: str, results: list[dict[str, float]], rounds: in
              "every variant of every width runs in the same rounds.", "",
              "| model | repeat | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|"]
     models = [("CPU preset: hidden 32, head dim 8, no FC blocks, batch 64, Neumann gradient", "")] + [
-        (f"hidden {h}, head dim {h // 4}, 4 FC blocks, batch 32, memory-efficient gradient", f"h{h}:") for h in WIDTHS]
+        (f"hidden {h}, head dim {h // 4}, 4 FC blocks, batch 32, memory-efficient gradient", f"h{h}:")
+        for h in WIDTHS]
     for label, prefix in models:
         for i, res in enumerate(results, 1):
             base = res[prefix + "none"]
@@ -192,7 +195,8 @@ if __name__ == "__main__":
     parser.add_argument("--legacy-sn", action="store_true",
                         help="also time the uncertified one-step spectral normalisation (the cost of the certificate)")
     parser.add_argument("--widths", action="store_true",
-                        help=f"also time wider models (hidden {', '.join(map(str, WIDTHS))}, 4 heads, 4 FC blocks, batch 32)")
+                        help=f"also time wider models (hidden {', '.join(map(str, WIDTHS))}, 4 heads, 4 FC blocks, "
+                             "batch 32)")
     parser.add_argument("--out-widths", help="with --widths: write the per-width table (markdown) to this file")
     args = parser.parse_args()
     found = main(args.rounds, args.repeats, args.legacy_sn, args.widths)

@@ -69,10 +69,13 @@ constexpr const char* kBaselineName = "baseline";
 // Widest first.
 const Variant kVariants[] = {
 #if ACF_L2_X86_VARIANTS
-    {"avx512", &avx512::fwd, &avx512::fwd_blocked, &avx512::bwd, &avx512::bwd_blocked, &avx512::bwd2, &avx512::bwd2_blocked},
-    {"avx2", &avx2::fwd, &avx2::fwd_blocked, &avx2::bwd, &avx2::bwd_blocked, &avx2::bwd2, &avx2::bwd2_blocked},
+    {"avx512", &avx512::fwd, &avx512::fwd_blocked, &avx512::bwd, &avx512::bwd_blocked,
+     &avx512::bwd2, &avx512::bwd2_blocked},
+    {"avx2", &avx2::fwd, &avx2::fwd_blocked, &avx2::bwd, &avx2::bwd_blocked,
+     &avx2::bwd2, &avx2::bwd2_blocked},
 #endif
-    {kBaselineName, &baseline::fwd, &baseline::fwd_blocked, &baseline::bwd, &baseline::bwd_blocked, &baseline::bwd2, &baseline::bwd2_blocked},
+    {kBaselineName, &baseline::fwd, &baseline::fwd_blocked, &baseline::bwd, &baseline::bwd_blocked,
+     &baseline::bwd2, &baseline::bwd2_blocked},
 };
 
 bool supported(const Variant& variant) {

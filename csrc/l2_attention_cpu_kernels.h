@@ -602,8 +602,12 @@ inline void each_vec(int64_t n, const F& f) {
 #if ACF_L2_AVX512
 inline Vec<float> loadn(const float* p, int64_t k) { return _mm512_maskz_loadu_ps((__mmask16)((1u << k) - 1), p); }
 inline Vec<double> loadn(const double* p, int64_t k) { return _mm512_maskz_loadu_pd((__mmask8)((1u << k) - 1), p); }
-inline void storen(float* p, const Vec<float>& v, int64_t k) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << k) - 1), v); }
-inline void storen(double* p, const Vec<double>& v, int64_t k) { _mm512_mask_storeu_pd(p, (__mmask8)((1u << k) - 1), v); }
+inline void storen(float* p, const Vec<float>& v, int64_t k) {
+  _mm512_mask_storeu_ps(p, (__mmask16)((1u << k) - 1), v);
+}
+inline void storen(double* p, const Vec<double>& v, int64_t k) {
+  _mm512_mask_storeu_pd(p, (__mmask8)((1u << k) - 1), v);
+}
 #else
 template <typename T>
 inline Vec<T> loadn(const T* p, int64_t k) {
@@ -651,7 +655,9 @@ void row_dots(const Heads<T>& a, const Heads<T>& b, int64_t h, int64_t n, T* x) 
   } else if (a.sd == 1 && b.sd == 1) {
     for (int64_t j = 0; j < n; ++j) {
       Vec<T> acc{};
-      each_vec<T>(a.dim, [&](int64_t k, int64_t l) { acc += loadn(pa + j * a.sn + k, l) * loadn(pb + j * b.sn + k, l); });
+      each_vec<T>(a.dim, [&](int64_t k, int64_t l) {
+        acc += loadn(pa + j * a.sn + k, l) * loadn(pb + j * b.sn + k, l);
+      });
       x[j] = total(acc);
     }
   } else {
@@ -821,7 +827,9 @@ std::tuple<at::Tensor, at::Tensor> bwd_blocked(const at::Tensor& q, const at::Te
             const int64_t i = i0 + r;
             T *pr = b.row(0, k, r), *dr = b.row(1, k, r);
             b.softmax_row(pr, k, i, lse_h[i]);
-            each_vec<T>(n, [&](int64_t j, int64_t l) { storen(dr + j, loadn(pr + j, l) * (loadn(dr + j, l) - dl[i]), l); });
+            each_vec<T>(n, [&](int64_t j, int64_t l) {
+              storen(dr + j, loadn(pr + j, l) * (loadn(dr + j, l) - dl[i]), l);
+            });
             add_sums(dr, i, n, b.vec(B::kSum, k));  // r_i + k_j
           }
           if (b.whole()) symmetrise(b.row(1, k, 0), n, n);  // dS + dS^T
@@ -875,7 +883,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd2_blocked(const at::Tensor& q,
               mu += loadn(pr + j, l) * t;  // 0 beyond the row
             });
             const T mi = total(mu);
-            each_vec<T>(n, [&](int64_t j, int64_t l) { storen(tr + j, loadn(pr + j, l) * (loadn(tr + j, l) - mi), l); });
+            each_vec<T>(n, [&](int64_t j, int64_t l) {
+              storen(tr + j, loadn(pr + j, l) * (loadn(tr + j, l) - mi), l);
+            });
           }
         }
         product(ggi, pd, vg, false);  // O' = P' V + P W
