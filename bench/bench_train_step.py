@@ -16,10 +16,17 @@ re-seeds the global generator, so all variants draw the same number of log-det t
 normalisation this project used before it certified every forward (Residual Flows' convention: one
 warm-started power-iteration step per training forward, scale from ``u^T W v``, a lower bound), so
 that the cost of the certificate is measured side by side.
+
+``--widths`` adds wider models, in the same interleaved rounds: the CPU preset's Residual Flow (2
+scales x 2 blocks) with 4 fully connected blocks and ``hidden`` 64, 128 and 256 channels, 4 heads
+(head dims 16, 32, 64), batch 32, the memory-efficient log-det gradient; variants ``h<hidden>:none``,
+``h<hidden>:l2-cpu`` and ``h<hidden>:l2-tight-cpu`` (``auto``'s kernels), each compared with the
+``none`` step of its own width (``--out-widths`` writes that table).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 import time
 from unittest import mock
@@ -31,10 +38,14 @@ from acf.layers.attention import set_attention_backend
 from acf.ops.l2_attention import cpu_kernels_available
 from acf.ops.power_iteration import spectral_norms
 from acf.layers.spectral_norm import _SpectralNormalized
+from acf.models import build_model
 from acf.train import TrainConfig, Trainer
 
 VARIANTS = {"none": (None, None), "l2-cpu": ("l2", "extension"), "l2-tight-cpu": ("l2-tight", "extension"),
             "l2-reference": ("l2", "reference")}
+WIDTHS = (64, 128, 256)
+WIDTH_VARIANTS = ("none", "l2-cpu", "l2-tight-cpu")
+WIDTH_RUN = dict(batch_size=32, grad="memory_efficient")  # the training settings of the wider models
 RESULTS: dict[str, float] = {}
 
 
@@ -53,11 +64,22 @@ def legacy_spectral_norm():
 
 
 def make_trainer(variant: str) -> Trainer:
-    attention, backend = VARIANTS[variant.removesuffix("+legacy-sn")]
-    trainer = Trainer(TrainConfig(attention=attention, steps=1000), tempfile.mkdtemp(prefix="acf-bench-"))
+    """The trainer of a variant: ``name`` (CPU preset), ``name+legacy-sn`` or ``h<hidden>:name`` (wider)."""
+    width, _, name = variant.rpartition(":")
+    attention, backend = VARIANTS[name.removesuffix("+legacy-sn")]
+    settings, model = ({}, {}) if not width else (WIDTH_RUN, dict(hidden=int(width[1:]), fc_blocks=4))
+    with mock.patch("acf.train.build_model", functools.partial(build_model, **model)):
+        cfg = TrainConfig(attention=attention, steps=1000, **settings)
+        trainer = Trainer(cfg, tempfile.mkdtemp(prefix="acf-bench-"))
     if backend is not None:
         set_attention_backend(trainer.model, backend)
     return trainer
+
+
+def baseline(variant: str) -> str:
+    """The variant without attention that ``variant`` is compared with (same width)."""
+    width, _, _ = variant.rpartition(":")
+    return f"{width}:none" if width else "none"
 
 
 def timed_step(trainer: Trainer, seed: int, legacy: bool = False) -> float:
@@ -69,9 +91,9 @@ def timed_step(trainer: Trainer, seed: int, legacy: bool = False) -> float:
 
 
 def summary_table(res: dict[str, float]) -> str:
-    lines = ["training step (CPU preset, batch 64), best of the rounds:"]
-    base = res.get("none")
+    lines = ["training step (CPU preset, batch 64; h<hidden>: wider, batch 32), best of the rounds:"]
     for name, sec in res.items():
+        base = res.get(baseline(name))
         ratio = f"  {sec / base:5.2f}x the step without attention" if base else ""
         lines.append(f"  {name:18s} {sec * 1e3:8.1f} ms{ratio}")
     for name, sec in res.items():
@@ -99,12 +121,15 @@ def test_train_step(benchmark, variant):
     RESULTS[variant] = benchmark.stats.stats.min
 
 
-def main(rounds: int = 5, repeats: int = 1, legacy_sn: bool = False) -> list[dict[str, float]]:
+def main(rounds: int = 5, repeats: int = 1, legacy_sn: bool = False, widths: bool = False) -> list[dict[str, float]]:
     """Interleave the variants round by round (fairer on a shared machine), ``repeats`` times;
     print each summary and return the best-of-rounds seconds per variant of each repeat."""
     names = [v for v in VARIANTS if not v.endswith("-cpu") or cpu_kernels_available()]
     if legacy_sn:
         names += [v + "+legacy-sn" for v in names if v != "l2-reference"]
+    if widths:
+        names += [f"h{h}:{v}" for h in WIDTHS for v in WIDTH_VARIANTS
+                  if not v.endswith("-cpu") or cpu_kernels_available()]
     trainers = {v: make_trainer(v) for v in names}
     for v, trainer in trainers.items():
         timed_step(trainer, 0, v.endswith("+legacy-sn"))  # warm-up
@@ -124,7 +149,7 @@ def write_markdown(path: str, results: list[dict[str, float]], rounds: int) -> N
     from acf.experiments import machine_info
 
     m = machine_info()
-    names = list(results[0])
+    names = [v for v in results[0] if ":" not in v]  # the CPU preset (write_widths_markdown: the rest)
     lines = [f"# Training step, CPU preset ({m['date'][:10]})", "",
              f"`python bench/bench_train_step.py --rounds {rounds} --repeats {len(results)}`: {m['cpu']}, "
              f"{m['torch_threads']} threads, torch {m['torch']}. Best of {rounds} interleaved "
@@ -133,6 +158,30 @@ def write_markdown(path: str, results: list[dict[str, float]], rounds: int) -> N
     for i, res in enumerate(results, 1):
         cells = [f"{res[v] * 1e3:.1f} ms ({res[v] / res['none']:.2f}x)" for v in names]
         lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_widths_markdown(path: str, results: list[dict[str, float]], rounds: int) -> None:
+    """The CPU preset and the wider models, one row per width and repeat: each step and its ratio to
+    the step without attention of the same width and repeat."""
+    from acf.experiments import machine_info
+
+    m = machine_info()
+    kinds = [v for v in WIDTH_VARIANTS if f"h{WIDTHS[0]}:{v}" in results[0]]
+    lines = [f"# Training step at several widths, attention against none ({m['date'][:10]})", "",
+             f"`python bench/bench_train_step.py --widths --rounds {rounds} --repeats {len(results)}`: {m['cpu']}, "
+             f"{m['torch_threads']} threads, torch {m['torch']}. Best of {rounds} interleaved rounds per repeat; "
+             "every variant of every width runs in the same rounds.", "",
+             "| model | repeat | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|"]
+    models = [("CPU preset: hidden 32, head dim 8, no FC blocks, batch 64, Neumann gradient", "")] + [
+        (f"hidden {h}, head dim {h // 4}, 4 FC blocks, batch 32, memory-efficient gradient", f"h{h}:")
+        for h in WIDTHS]
+    for label, prefix in models:
+        for i, res in enumerate(results, 1):
+            base = res[prefix + "none"]
+            cells = [f"{res[prefix + v] * 1e3:.0f} ms ({res[prefix + v] / base:.2f}x)" for v in kinds]
+            lines.append(f"| {label} | {i} | " + " | ".join(cells) + " |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -145,7 +194,13 @@ if __name__ == "__main__":
     parser.add_argument("--out", help="also write the repeats as a markdown table to this file")
     parser.add_argument("--legacy-sn", action="store_true",
                         help="also time the uncertified one-step spectral normalisation (the cost of the certificate)")
+    parser.add_argument("--widths", action="store_true",
+                        help=f"also time wider models (hidden {', '.join(map(str, WIDTHS))}, 4 heads, 4 FC blocks, "
+                             "batch 32)")
+    parser.add_argument("--out-widths", help="with --widths: write the per-width table (markdown) to this file")
     args = parser.parse_args()
-    found = main(args.rounds, args.repeats, args.legacy_sn)
+    found = main(args.rounds, args.repeats, args.legacy_sn, args.widths)
     if args.out:
         write_markdown(args.out, found, args.rounds)
+    if args.out_widths:
+        write_widths_markdown(args.out_widths, found, args.rounds)

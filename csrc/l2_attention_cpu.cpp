@@ -52,12 +52,12 @@ void check_lse(const at::Tensor& lse, const at::Tensor& q) {
 }
 
 
-// One variant's entry points.
+// One variant's entry points: the register-tiled kernels and the blocked ones.
 struct Variant {
   const char* name;
-  decltype(&baseline::fwd) fwd;
-  decltype(&baseline::bwd) bwd;
-  decltype(&baseline::bwd2) bwd2;
+  decltype(&baseline::fwd) fwd, fwd_blocked;
+  decltype(&baseline::bwd) bwd, bwd_blocked;
+  decltype(&baseline::bwd2) bwd2, bwd2_blocked;
 };
 
 #if defined(ACF_NATIVE_BUILD)
@@ -69,10 +69,13 @@ constexpr const char* kBaselineName = "baseline";
 // Widest first.
 const Variant kVariants[] = {
 #if ACF_L2_X86_VARIANTS
-    {"avx512", &avx512::fwd, &avx512::bwd, &avx512::bwd2},
-    {"avx2", &avx2::fwd, &avx2::bwd, &avx2::bwd2},
+    {"avx512", &avx512::fwd, &avx512::fwd_blocked, &avx512::bwd, &avx512::bwd_blocked,
+     &avx512::bwd2, &avx512::bwd2_blocked},
+    {"avx2", &avx2::fwd, &avx2::fwd_blocked, &avx2::bwd, &avx2::bwd_blocked,
+     &avx2::bwd2, &avx2::bwd2_blocked},
 #endif
-    {kBaselineName, &baseline::fwd, &baseline::bwd, &baseline::bwd2},
+    {kBaselineName, &baseline::fwd, &baseline::fwd_blocked, &baseline::bwd, &baseline::bwd_blocked,
+     &baseline::bwd2, &baseline::bwd2_blocked},
 };
 
 bool supported(const Variant& variant) {
@@ -113,10 +116,25 @@ const Variant& variant() {
 
 std::string cpu_isa() { return variant().name; }
 
+// Which kernels run: the register tiles while every product's inner dimension fits them
+// (max(d, e) <= kTiledMaxDim), the blocked GEMMs above, where BLAS's packed kernels win (measured
+// side by side over head dims 8-128: bench/bench_l2_attention.py --crossover). ACF_L2_CPU_KERNEL=tiled
+// or blocked (read at every call) forces one, for tests and measurements.
+constexpr int64_t kTiledMaxDim = 16;
+
+bool blocked(const at::Tensor& q, const at::Tensor& v) {
+  const char* env = std::getenv("ACF_L2_CPU_KERNEL");
+  const std::string want = env ? env : "";
+  if (want == "tiled") return false;
+  if (want == "blocked") return true;
+  TORCH_CHECK(want.empty() || want == "auto", "ACF_L2_CPU_KERNEL=", want, ": expected auto, tiled or blocked");
+  return std::max(q.size(2), v.size(2)) > kTiledMaxDim;
+}
+
 std::tuple<at::Tensor, at::Tensor> l2_attention_fwd(const at::Tensor& q, const at::Tensor& v, double scale) {
   check_q(q);
   check_head(v, "v", q.size(0), q.size(1), q.scalar_type());
-  return variant().fwd(q, v, scale);
+  return (blocked(q, v) ? variant().fwd_blocked : variant().fwd)(q, v, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> l2_attention_bwd(const at::Tensor& q, const at::Tensor& v, const at::Tensor& o,
@@ -127,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> l2_attention_bwd(const at::Tensor& q, const a
     check_dims(t, name, v.size(2), "v");
   }
   check_lse(lse, q);
-  return variant().bwd(q, v, o, lse.contiguous(), g, scale);
+  return (blocked(q, v) ? variant().bwd_blocked : variant().bwd)(q, v, o, lse.contiguous(), g, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> l2_attention_bwd2(const at::Tensor& q, const at::Tensor& v,
@@ -142,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> l2_attention_bwd2(const at::Tenso
     check_dims(t, name, v.size(2), "v");
   }
   check_lse(lse, q);
-  return variant().bwd2(q, v, o, lse.contiguous(), g, u, w, scale);
+  return (blocked(q, v) ? variant().bwd2_blocked : variant().bwd2)(q, v, o, lse.contiguous(), g, u, w, scale);
 }
 
 }  // namespace

@@ -44,17 +44,20 @@ inline bool cpu_has_avx512() {
 }
 #endif
 
-// The entry points of one variant. The inputs are checked by the caller (l2_attention_cpu.cpp):
-// (B*H, N, dim) CPU tensors of one floating dtype, lse contiguous.
-#define ACF_L2_DECLARE_VARIANT(ns)                                                                         \
-  namespace ns {                                                                                           \
-  std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& v, double scale);          \
-  std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& q, const at::Tensor& v, const at::Tensor& o,    \
-                                         const at::Tensor& lse, const at::Tensor& g, double scale);        \
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd2(const at::Tensor& q, const at::Tensor& v,            \
-                                                      const at::Tensor& o, const at::Tensor& lse,          \
-                                                      const at::Tensor& g, const at::Tensor& u,            \
-                                                      const at::Tensor& w, double scale);                  \
+// The entry points of one variant: the register-tiled kernels (fwd, bwd, bwd2) and the blocked
+// ones (*_blocked; l2_attention_cpu.cpp says which runs where). The inputs are checked by the caller
+// (l2_attention_cpu.cpp): (B*H, N, dim) CPU tensors of one floating dtype, lse contiguous.
+#define ACF_L2_DECLARE_PASSES(suffix)                                                                      \
+  std::tuple<at::Tensor, at::Tensor> fwd##suffix(const at::Tensor& q, const at::Tensor& v, double scale);  \
+  std::tuple<at::Tensor, at::Tensor> bwd##suffix(const at::Tensor& q, const at::Tensor& v, const at::Tensor& o, \
+                                                 const at::Tensor& lse, const at::Tensor& g, double scale); \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd2##suffix(                                              \
+      const at::Tensor& q, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,                 \
+      const at::Tensor& g, const at::Tensor& u, const at::Tensor& w, double scale);
+#define ACF_L2_DECLARE_VARIANT(ns) \
+  namespace ns {                   \
+  ACF_L2_DECLARE_PASSES()          \
+  ACF_L2_DECLARE_PASSES(_blocked)  \
   }
 
 ACF_L2_DECLARE_VARIANT(baseline)

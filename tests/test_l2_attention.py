@@ -158,6 +158,13 @@ def test_extension_saturated_softmax():
 
 
 @needs_ext
+def test_extension_each_head_dim_8_to_128(cpu_kernel):
+    """Every head dim from 8 to 128 (values of another width), odd N, within the tolerance rule."""
+    for d in range(8, 129):
+        compare_all(1, 1, 13, d, d + 3 if d % 2 else d, torch.float32, cpu_fn)
+
+
+@needs_ext
 @pytest.mark.parametrize("shape", [(1, 1, 1, 2, 2), (2, 3, 9, 3, 2), (1, 2, 33, 5, 7)], ids=str)
 def test_extension_fp64_equals_reference(shape):
     assert_equals_reference(*rand_inputs(*shape, torch.float64), 0.7)
@@ -231,7 +238,7 @@ def test_extension_bad_input():
 
 
 @needs_ext
-def test_extension_nan_propagates():
+def test_extension_nan_propagates(cpu_kernel):
     """A NaN query poisons its softmax column, hence every row: NaN out, as in the reference."""
     q, v = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
     q[0, 1, 3, 2] = float("nan")
@@ -240,7 +247,7 @@ def test_extension_nan_propagates():
 
 
 @needs_ext
-def test_extension_forward_saves_no_n_by_n_matrix():
+def test_extension_forward_saves_no_n_by_n_matrix(cpu_kernel):
     """The forward keeps (q, v, O, lse): O(B H N (d + e)) memory; the backward recomputes P."""
     b, h, n, d = 2, 3, 200, 8
     q, v = torch.randn(b, h, n, d, requires_grad=True), torch.randn(b, h, n, d, requires_grad=True)
@@ -260,7 +267,7 @@ LAYOUTS = {  # (B, H, N, d) views of the same values with different strides
 
 @needs_ext
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_extension_any_strides(layout):
+def test_extension_any_strides(layout, cpu_kernel):
     """The kernels read and write heads of any strides (outputs take the layout of their input)."""
     q, v, g, u, w = (LAYOUTS[layout](t) for t in rand_inputs(2, 3, 13, 5, 6, torch.float64))
     assert_equals_reference(q, v, g, u, w, 0.4)
@@ -270,13 +277,64 @@ def test_extension_any_strides(layout):
 
 @needs_ext
 def test_auto_rule_by_head_dim_and_n():
-    """auto takes the fused kernels where they were measured faster than the reference."""
-    rule = {(196, 8): "extension", (196, 16): "extension", (196, 32): "extension", (1024, 32): "extension", (196, 64): "reference",
-            (1024, 64): "reference", (49, 128): "reference"}
-    for (n, d), want in rule.items():
-        q = torch.empty(1, 1, n, d)
-        assert F._auto_backend(q, q) == want, (n, d)
-    assert F._auto_backend(torch.empty(1, 1, 196, 8), torch.empty(1, 1, 196, 64)) == "reference"  # e counts
+    """auto takes the fused kernels on CPU at every head dim and N (measured faster than the reference)."""
+    for n, d, e in [(49, 8, 8), (196, 16, 16), (196, 64, 64), (1024, 64, 64), (49, 128, 128), (196, 8, 64)]:
+        assert F._auto_backend(torch.empty(1, 1, n, d), torch.empty(1, 1, n, e)) == "extension", (n, d, e)
+    assert F._auto_backend(torch.empty(1, 1, 9, 8).half(), torch.empty(1, 1, 9, 8).half()) == "reference"
+
+
+# The extension's two kernels (csrc/l2_attention_cpu.cpp): register tiles up to head dim 16, blocked
+# BLAS products above; ACF_L2_CPU_KERNEL forces one, so that each is tested at every head dim.
+CPU_KERNELS = ["tiled", "blocked"]
+# (B, H, N, d, e): every head dim from 8 to 128 at least once, non-powers of two, odd N; the last
+# ones run the blocked kernel in blocks of rows (N^2 above its block size) and in groups of heads.
+HEAD_DIM_SHAPES = [(2, 2, 49, 8, 8), (1, 2, 33, 12, 7), (1, 3, 49, 16, 16), (2, 1, 17, 17, 24),
+                   (1, 2, 101, 24, 24), (1, 1, 49, 32, 32), (1, 2, 37, 40, 33), (1, 1, 65, 48, 48),
+                   (1, 2, 49, 64, 64), (1, 1, 29, 80, 80), (1, 1, 51, 96, 100), (1, 2, 45, 128, 128),
+                   (1, 1, 403, 24, 40), (8, 4, 49, 20, 20)]
+
+
+@pytest.fixture(params=CPU_KERNELS)
+def cpu_kernel(request, monkeypatch):
+    monkeypatch.setenv("ACF_L2_CPU_KERNEL", request.param)
+    return request.param
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", HEAD_DIM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_extension_every_head_dim_matches_fp64_reference(shape, cpu_kernel):
+    """float32: output, VJP and double VJP within the tolerance rule of tests/attention_rule.py."""
+    compare_all(*shape, torch.float32, cpu_fn)
+
+
+@needs_ext
+def test_extension_each_head_dim_8_to_128(cpu_kernel):
+    """Every head dim from 8 to 128 (values of another width), odd N, within the tolerance rule."""
+    for d in range(8, 129):
+        compare_all(1, 1, 13, d, d + 3 if d % 2 else d, torch.float32, cpu_fn)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2, 2), (2, 3, 9, 3, 2), (1, 2, 33, 40, 7), (1, 1, 370, 9, 5),
+                                   (6, 5, 7, 33, 17)], ids=str)
+def test_extension_kernels_fp64_equal_reference(shape, cpu_kernel):
+    """float64: both kernels equal the reference to rounding (1e-12), blocks of rows and groups of heads included."""
+    assert_equals_reference(*rand_inputs(*shape, torch.float64), 0.7)
+
+
+@needs_ext
+def test_extension_kernels_gradcheck_and_gradgradcheck(cpu_kernel):
+    q = torch.randn(2, 2, 11, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 11, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: cpu_fn(a, b, 0.6), (q, v))
+    assert torch.autograd.gradgradcheck(lambda a, b: cpu_fn(a, b, 0.6), (q, v))
+
+
+@needs_ext
+def test_extension_kernel_choice_names_a_bad_value(monkeypatch):
+    monkeypatch.setenv("ACF_L2_CPU_KERNEL", "fast")
+    with pytest.raises(RuntimeError, match="ACF_L2_CPU_KERNEL=fast: expected auto, tiled or blocked"):
+        cpu_fn(torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4), 0.5)
 
 
 def test_fallback_without_extension(monkeypatch):

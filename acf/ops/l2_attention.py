@@ -354,7 +354,6 @@ def triton_available() -> bool:
 
 _TRITON_OK: Optional[bool] = None
 _TRITON_MAX_HEAD_DIM = 128
-_CPU_FUSED_MAX_HEAD_DIM = 32  # auto: the fused CPU kernels up to this head dim (see _auto_backend)
 
 
 def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
@@ -362,15 +361,13 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
 
     * CUDA: ``"triton"`` (fused forward, VJP and double VJP) when Triton imports, the dtype is
       fp16/bf16/fp32/fp64 and both head dims are <= 128; otherwise ``"reference"``.
-    * CPU, float32/float64, ``acf._C`` loaded: ``"extension"`` (fused kernels, differentiable twice)
-      for head dims up to 32; ``"reference"`` for larger head dims, and for half precision. The
-      fused kernels keep every tile in registers, which wins while the head dim is small; from head
-      dim 64 MKL's blocked products in the reference win. Measured on 2 cores over a training
-      step's mix (forward, 6 VJPs, one double VJP; ``python bench/bench_l2_attention.py --crossover``): the fused
-      kernels are 1.6-3.9x faster at head dims 8-16, 0.9-2.5x at head dim 32 (a tie below N = 1024,
-      in O(N) instead of O(N^2) memory), 0.5-0.9x at head dims 64-128. On the CPU preset
-      (``bench/bench_train_step.py``, N = 196, d = 8) a training step costs 2.6-3.0x the step
-      without attention with ``"extension"``, 9-11x with ``"reference"``.
+    * CPU, float32/float64, ``acf._C`` loaded: ``"extension"`` at every head dim; ``"reference"``
+      for half precision. The extension runs register-tiled kernels up to head dim 16 and blocked
+      ones (batched BLAS products, elementwise steps fused in cache) above
+      (``csrc/l2_attention_cpu.cpp``). Measured on one thread over a training step's mix (forward,
+      6 VJPs, one double VJP; ``python bench/bench_l2_attention.py --crossover``,
+      ``bench/results/2026-11-30-cpu-attention-crossover.md``): faster than the reference at every
+      head dim from 8 to 128 and N from 49 to 1024, in O(N) memory per head instead of O(N^2).
       ``"sdpa"`` is never chosen automatically: it is first-order only and, at forward time,
       nothing tells whether the caller will differentiate a VJP later (the Neumann log-det
       gradient does, with ``create_graph=True``); on CPU it is also slower than the reference.
@@ -387,17 +384,16 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
     ):
         return "triton"
     if q.device.type == "cpu" and q.dtype in _CPU_DTYPES and cpu_kernels_available():
-        if max(q.shape[-1], v.shape[-1]) <= _CPU_FUSED_MAX_HEAD_DIM:
-            return "extension"
+        return "extension"
     return "reference"
 
 
 def auto_backend_summary(device: torch.device) -> str:
     """What ``backend="auto"`` runs on ``device`` for float32, in words (``acf info``), read off
-    ``_auto_backend`` itself at a small head dim and just above the CPU kernels' limit."""
+    ``_auto_backend`` itself at a small head dim and just above the Triton kernels' limit."""
     small, large = (_auto_backend(t, t) for t in (torch.empty(1, 1, 1, d, device=device)
-                                                  for d in (1, _CPU_FUSED_MAX_HEAD_DIM + 1)))
-    return small if small == large else f"{small} (head dim <= {_CPU_FUSED_MAX_HEAD_DIM}; {large} above)"
+                                                  for d in (1, _TRITON_MAX_HEAD_DIM + 1)))
+    return small if small == large else f"{small} (head dim <= {_TRITON_MAX_HEAD_DIM}; {large} above)"
 
 
 def _select_backend(q: torch.Tensor, backend: str, v: Optional[torch.Tensor] = None) -> Backend:
