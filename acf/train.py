@@ -60,7 +60,7 @@ class TrainConfig:
     heads: int = 4
     preset: str = "cpu-fc"
     task: str = "density"            # or "hybrid": bits/dim + cross-entropy of a linear head on z
-    steps: int = 3200
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 5e-3
     warmup: int = 100
@@ -68,7 +68,7 @@ class TrainConfig:
     ema_decay: float = 0.99
     seed: int = 0
     device: str = "cpu"              # or "auto": CUDA when available (what `acf train` uses unless told)
-    eval_every: int = 800
+    eval_every: int = 500
     eval_size: int = 200             # test images per evaluation (n_exact_eval terms: costly)
     n_exact: int = 2                 # roulette: exact terms in training
     n_exact_eval: int = 20           # ... and in evaluation

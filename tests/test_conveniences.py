@@ -57,7 +57,7 @@ def test_train_runs_on_the_auto_device(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command,shown", [
-    ("train", ["--steps STEPS", "(default: 3200)", "(default: auto)", "(default: mnist5k)", "(default: 0.005)", "(default: cpu-fc)"]),
+    ("train", ["--steps STEPS", "(default: 3000)", "(default: auto)", "(default: mnist5k)", "(default: 0.005)", "(default: cpu-fc)"]),
     ("sample", ["samples per temperature (default: 16)", "(default: [0.5, 0.7, 0.85, 1.0])", "(default: auto)"]),
     ("evaluate", ["exact log-det terms (default: 20)", "test images (default: all)"]),
     ("perturb", ["test images (default: 64)"]),
