@@ -4,7 +4,7 @@
     python bench/bench_train_step.py [--rounds 9 --repeats 3 --out bench/results/DATE-cpu-train-step.md]
     python bench/bench_train_step.py --legacy-sn   # also the uncertified one-step spectral normalisation
 
-The workload is the default ``acf train`` step: Residual Flow, CPU preset, MNIST-5k, batch 64,
+The workload is a training step of the ``cpu`` preset's Residual Flow on MNIST-5k, batch 64,
 Russian-roulette log-det with the Neumann gradient (so each step runs the attention forward, about
 six VJPs and one double VJP per attention layer). Variants, side by side in one run:
 ``none`` (no attention), ``l2-cpu`` (L2 attention on ``acf._C``'s CPU kernels: what ``auto`` picks),
@@ -45,7 +45,10 @@ VARIANTS = {"none": (None, None), "l2-cpu": ("l2", "extension"), "l2-tight-cpu":
             "l2-reference": ("l2", "reference")}
 WIDTHS = (64, 128, 256)
 WIDTH_VARIANTS = ("none", "l2-cpu", "l2-tight-cpu")
-WIDTH_RUN = dict(batch_size=32, grad="memory_efficient")  # the training settings of the wider models
+# Training settings, pinned (not acf train's defaults, which may move): the CPU preset as measured since
+# 2026-11-28, and the wider models of --widths.
+PRESET_RUN = dict(preset="cpu", batch_size=64)
+WIDTH_RUN = dict(preset="cpu", batch_size=32, grad="memory_efficient")
 RESULTS: dict[str, float] = {}
 
 
@@ -67,7 +70,7 @@ def make_trainer(variant: str) -> Trainer:
     """The trainer of a variant: ``name`` (CPU preset), ``name+legacy-sn`` or ``h<hidden>:name`` (wider)."""
     width, _, name = variant.rpartition(":")
     attention, backend = VARIANTS[name.removesuffix("+legacy-sn")]
-    settings, model = ({}, {}) if not width else (WIDTH_RUN, dict(hidden=int(width[1:]), fc_blocks=4))
+    settings, model = (PRESET_RUN, {}) if not width else (WIDTH_RUN, dict(hidden=int(width[1:]), fc_blocks=4))
     with mock.patch("acf.train.build_model", functools.partial(build_model, **model)):
         cfg = TrainConfig(attention=attention, steps=1000, **settings)
         trainer = Trainer(cfg, tempfile.mkdtemp(prefix="acf-bench-"))

@@ -768,6 +768,9 @@ void for_heads_blocked(const at::Tensor& q, int count, int64_t dim, double scale
   const int64_t bh = q.size(0), n = q.size(1);
   const auto rows_heads = Blocks<T>::shape(bh, n);
   at::parallel_for(0, bh, rows_heads.second, [&](int64_t begin, int64_t end) {
+    // Worker threads do not inherit the caller's dispatch state: the GEMMs below run on tensors that
+    // may require grad, below autograd as the op itself does.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     Blocks<T> blocks(count, rows_heads, n, dim, scale, q.options());
     f(begin, end, blocks);
   });
