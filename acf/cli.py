@@ -14,9 +14,10 @@ import torch
 from ._checks import check_int, resolve_device
 from .layers.branches import BRANCHES
 from .layers.flow import bits_per_dim, uniform_dequantize
+from .layers.logdet import GRADS
 from .data import DATASETS, load_dataset
-from .models import PRESETS, build_model
-from .train import CONTINUATION_SETTINGS, SAMPLE_TEMPERATURES, TrainConfig, read_config_file, read_run_config, train
+from .models import HEAD_LAYOUTS, PRESETS, build_model
+from .train import CONTINUATION_SETTINGS, LR_SCHEDULES, SAMPLE_TEMPERATURES, TrainConfig, read_config_file, read_run_config, train
 
 
 def synthetic_images(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -244,7 +245,7 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--delta-max", dest="delta_max", type=float, help="l2-tight: logit range Delta")
     option("--ball-radius", dest="ball_radius", type=float,
            help="l2-tight: token ball radius, in units of sqrt(channels per head)")
-    option("--head-layout", dest="head_layout", choices=["grouped", "multihead"], help="l2-tight: head layout")
+    option("--head-layout", dest="head_layout", choices=HEAD_LAYOUTS, help="l2-tight: head layout")
     option("--heads", type=int, help="attention heads")
     option("--preset", choices=sorted(PRESETS), help="model size")
     option("--task", choices=["density", "hybrid"], help="hybrid: bits/dim + a linear classifier on z")
@@ -254,7 +255,7 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--batch-size", dest="batch_size", type=int, help="global batch (data-parallel: split over the processes)")
     option("--lr", type=float, help="Adam learning rate")
     option("--warmup", type=int, help="linear learning-rate warm-up steps")
-    option("--lr-schedule", dest="lr_schedule", choices=["constant", "cosine"],
+    option("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES,
            help="learning rate after the warm-up: constant, or a cosine decay towards 0 at the end")
     option("--ema-decay", dest="ema_decay", type=float, help="EMA of the weights (what is evaluated)")
     option("--seed", type=int, help="seed of the model, the batch order and the noise")
@@ -264,7 +265,7 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--n-exact", dest="n_exact", type=int, help="roulette: exact log-det terms in training")
     option("--n-exact-eval", dest="n_exact_eval", type=int, help="... and in evaluation")
     option("--lam", type=float, help="roulette: Poisson rate")
-    option("--grad", choices=["neumann", "memory_efficient", "backprop"], help="log-det gradient")
+    option("--grad", choices=GRADS, help="log-det gradient")
     tr.add_argument("--workers", type=int, default=0,
                     help="data-loading worker processes (0: in the training process; the batches are the same)")
     where = tr.add_mutually_exclusive_group()
