@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -12,11 +13,10 @@ from typing import Optional, Sequence
 import torch
 
 from ._checks import check_int, resolve_device
-from .layers.branches import BRANCHES
 from .layers.flow import bits_per_dim, uniform_dequantize
 from .layers.logdet import GRADS
 from .data import DATASETS, load_dataset
-from .models import HEAD_LAYOUTS, PRESETS, build_model
+from .models import ARCHS, ATTENTION_FORMS, HEAD_LAYOUTS, PRESETS, build_model
 from .train import CONTINUATION_SETTINGS, LR_SCHEDULES, SAMPLE_TEMPERATURES, TrainConfig, read_config_file, read_run_config, train
 
 
@@ -71,6 +71,17 @@ RESUME_OPTIONS = CONTINUATION_SETTINGS
 TRAIN_DEFAULTS = {"device": "auto"}
 
 
+def _model_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--model``: the value read as JSON (``64``, ``false``, ``[0, 1]``), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -91,6 +102,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     import datetime
 
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    if "model" in given:
+        given["model"] = dict(given["model"])
+    if "attention_scales" in given:
+        given["attention_scales"] = tuple(given["attention_scales"])
     if "attention" in given and given["attention"] == "none":
         given["attention"] = None
     if args.config and args.resume:
@@ -132,22 +147,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
     from . import runfolder
-    from .evaluate import evaluate_bits_per_dim, open_run
+    from .evaluate import bits_per_dim_per_image, mean_and_se, open_run
+    from .layers.attention import attention_ablated, attention_layers
 
     with open_run(args.run, args.device, f"acf {args.command}") as (model, test):
+        if args.ablate_attention and not attention_layers(model):
+            raise ValueError(f"--ablate-attention: the model of {args.run} has no attention layer")
         for m in model.modules():  # more exact log-det terms than in training
             if hasattr(m, "estimator"):
                 m.estimator = dataclasses.replace(m.estimator, n_exact_eval=args.n_exact)
-        mean, se = evaluate_bits_per_dim(model, test, args.n, args.probes)
-        result = {"test_bpd": mean, "standard_error": se, "images": args.n or len(test), "probes": args.probes,
+        bpd = bits_per_dim_per_image(model, test, args.n, args.probes)
+        mean, se = mean_and_se(bpd)
+        result = {"test_bpd": mean, "standard_error": se, "images": len(bpd), "probes": args.probes,
                   "n_exact": args.n_exact}
+        if args.ablate_attention:  # the same images, dequantisation and estimator draws: a paired difference
+            with attention_ablated(model):
+                knocked = bits_per_dim_per_image(model, test, args.n, args.probes)
+            result["test_bpd_without_attention"], result["standard_error_without_attention"] = mean_and_se(knocked)
+            result["knockout_cost"], result["knockout_cost_standard_error"] = mean_and_se(knocked - bpd)
         out = Path(args.run) / "evaluation.json"
         runfolder.write_text(out, json.dumps(result, indent=1))
     print(f"{model.train_config.data} test bits/dim {mean:.4f} +- {se:.4f} (standard error over {result['images']} images, "
           f"{args.probes} probe(s), {args.n_exact} exact terms) -> {out}")
+    if args.ablate_attention:
+        print(f"without attention (every attention path zeroed): {result['test_bpd_without_attention']:.4f}; knocking "
+              f"attention out costs {result['knockout_cost']:+.4f} +- {result['knockout_cost_standard_error']:.4f} "
+              f"bits/dim (paired over the same images and draws)")
     return 0
 
 
@@ -190,7 +216,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.name != "report":
-        folders = run_experiment(args.name, args.out, args.scale, args.seeds, progress=not args.quiet)
+        folders = run_experiment(args.name, args.out, args.scale, args.seeds, progress=not args.quiet, jobs=args.jobs)
         for folder in folders:
             print(f"{folder.name}: {folder / folder.name}.csv .md .png .json")
         print(f"acf experiment {args.name} --scale {args.scale}: done in {time.perf_counter() - t0:.0f} s")
@@ -238,16 +264,25 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
            "training settings; options given here override it")
     option("--data", choices=sorted(DATASETS), help="data set")
     option("--data-root", dest="data_root", help="folder of a file-based data set")
-    option("--arch", choices=sorted(BRANCHES), help="residual branch")
+    option("--arch", choices=ARCHS, help="residual branch (coupling: the uncertified affine-coupling reference)")
     option("--attention", choices=ATTENTION_FLAG_CHOICES, help="attention layer in each branch")
+    option("--attention-form", dest="attention_form", choices=list(ATTENTION_FORMS),
+           help="how attention joins the flow: residual (eq. 13, normalised), quadrature ([eta1 X; eta2 A] into "
+                "the next convolution) or gated (attention blocks of their own)")
+    option("--attention-scales", dest="attention_scales", type=int, nargs="+", metavar="STAGE",
+           help="stages with attention, 0 = the first (full resolution unless squeezed); default: all")
     option("--gamma-init", dest="gamma_init", type=float,
-           help="attention: initial gamma (0: each attention layer starts as the identity)")
+           help="attention: initial weight of the attention path (default: the form's: "
+                + ", ".join(f"{k} {v:g}" for k, v in ATTENTION_FORMS.items()) + ")")
     option("--delta-max", dest="delta_max", type=float, help="l2-tight: logit range Delta")
     option("--ball-radius", dest="ball_radius", type=float,
            help="l2-tight: token ball radius, in units of sqrt(channels per head)")
     option("--head-layout", dest="head_layout", choices=HEAD_LAYOUTS, help="l2-tight: head layout")
     option("--heads", type=int, help="attention heads")
     option("--preset", choices=sorted(PRESETS), help="model size")
+    option("--model", nargs="+", metavar="KEY=VALUE", type=_model_setting,
+           help="other model settings over the preset's (ModelConfig fields, values in JSON), e.g. hidden=64 "
+                "squeeze_first=false")
     option("--task", choices=["density", "hybrid"], help="hybrid: bits/dim + a linear classifier on z")
     group = tr.add_mutually_exclusive_group()
     option("--steps", parser=group, type=int, help="training steps (with --resume: extends the run)")
@@ -292,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     demo = command("demo", "build a small ACF, print its log-likelihood, invert it", cmd_demo)
-    demo.add_argument("--arch", choices=sorted(BRANCHES), default="resflow", help="residual branch")
+    demo.add_argument("--arch", choices=ARCHS, default="resflow", help="residual branch")
     demo.add_argument("--attention", choices=ATTENTION_FLAG_CHOICES, default="l2", help="attention layer")
     demo.add_argument("--heads", type=int, default=4, help="attention heads")
     demo.add_argument("--size", type=int, default=16, help="image side (divisible by 4)")
@@ -307,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-exact", dest="n_exact", type=int, default=20, help="exact log-det terms")
     ev.add_argument("--probes", type=int, default=1, help="independent estimates per image")
     ev.add_argument("--n", type=int, help="test images (default: all)")
+    ev.add_argument("--ablate-attention", dest="ablate_attention", action="store_true",
+                    help="also evaluate with every attention path zeroed (the knock-out: what attention contributes)")
     sm = run_command("sample", "samples.png from the run's EMA model: a row block per temperature", cmd_figure)
     sm.add_argument("--n", type=int, default=16, help="samples per temperature")
     sm.add_argument("--temperature", type=float, nargs="+", default=list(SAMPLE_TEMPERATURES),
@@ -321,14 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="noise levels (standard deviations on the [0, 1] scale)")
     pt.add_argument("--n", type=int, default=64, help="test images")
     ex = command("experiment", "run a paper experiment (or all): CSV, PNG, markdown table, JSON", cmd_experiment)
-    ex.add_argument("name", help="convergence, heads, awgn, dot, classification, interpolation, tight, long, all, or "
-                                 "report (only fill --page from the results already in --out)")
+    ex.add_argument("name", help="convergence, heads, awgn, dot, classification, interpolation, tight, long, attention, "
+                                 "all, or report (only fill --page from the results already in --out)")
     ex.add_argument("--scale", choices=["micro", "reduced", "full"], default="reduced",
                     help="micro: seconds (tests); reduced: a 2-core CPU within a session; full: hours")
     ex.add_argument("--out", default=os.path.join("runs", "experiments"),
                     help="output folder; finished runs in it are reused")
     ex.add_argument("--seeds", type=int, help="number of seeds (default: the scale's)")
     ex.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ex.add_argument("--jobs", type=int, default=1, help="training processes side by side (one thread each), for the "
+                                                       "experiments that run many short runs (attention)")
     ex.add_argument("--quiet", action="store_true", help="no progress bars")
     ex.add_argument("--page", help="afterwards, fill this markdown page's generated blocks (docs/RESULTS.md)")
     command("info", "versions, active backends (Triton, extension, reference) and device", cmd_info)

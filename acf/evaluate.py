@@ -68,22 +68,34 @@ def open_run(run: Path, device: str, holder: str) -> Iterator[tuple[ACFModel, Im
 
 
 @torch.no_grad()
-def evaluate_bits_per_dim(model: ACFModel, test: ImageDataset, n: Optional[int] = None, probes: int = 1,
-                      batch_size: int = 64, seed: int = 0) -> tuple[float, float]:
-    """Mean test bits/dim with the unbiased estimator (the model's evaluation settings), averaged over
-    ``probes`` independent draws per image; returns ``(mean, standard error over images)``."""
+def bits_per_dim_per_image(model: ACFModel, test: ImageDataset, n: Optional[int] = None, probes: int = 1,
+                           batch_size: int = 64, seed: int = 0) -> torch.Tensor:
+    """Test bits/dim of each of the first ``n`` test images with the unbiased estimator (the model's
+    evaluation settings), averaged over ``probes`` independent draws; the dequantisation noise and the
+    estimator's draws come from ``seed`` (the same for any model: common random numbers)."""
     check_int(probes, "probes", minimum=1)
     if n is not None:
         check_int(n, "number of test images n", minimum=1)
-    torch.manual_seed(seed)
     n = len(test) if n is None else min(n, len(test))
     per_image = []
-    for start in range(0, n, batch_size):
-        images, _ = test[slice(start, min(start + batch_size, n))]
-        x = to_float(images).to(next(model.parameters()).device)
-        per_image.append(torch.stack([model.bits_per_dim(uniform_dequantize(x)) for _ in range(probes)]).mean(0))
-    bpd = torch.cat(per_image)
-    return float(bpd.mean()), float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream as it was
+        torch.manual_seed(seed)
+        for start in range(0, n, batch_size):
+            images, _ = test[slice(start, min(start + batch_size, n))]
+            x = to_float(images).to(next(model.parameters()).device)
+            per_image.append(torch.stack([model.bits_per_dim(uniform_dequantize(x)) for _ in range(probes)]).mean(0))
+    return torch.cat(per_image)
+
+
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and its standard error (NaN for one value)."""
+    return float(values.mean()), float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def evaluate_bits_per_dim(model: ACFModel, test: ImageDataset, n: Optional[int] = None, probes: int = 1,
+                          batch_size: int = 64, seed: int = 0) -> tuple[float, float]:
+    """Mean test bits/dim (``bits_per_dim_per_image``); returns ``(mean, standard error over images)``."""
+    return mean_and_se(bits_per_dim_per_image(model, test, n, probes, batch_size, seed))
 
 
 @torch.no_grad()

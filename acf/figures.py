@@ -136,4 +136,5 @@ def write_figures(trainer: "Trainer", n: int = 16) -> None:
     save_grid(torch.cat([x, x_rec]), run / "reconstructions.png", 2, f"reconstructions (max error {err:.1e})")
     if trainer.history:
         save_convergence(trainer.history, run / "convergence.png", name)
-        save_lipschitz(trainer.history, run / "lipschitz.png", f"certified bounds: {name}")
+        if any(h.get("lipschitz_max") is not None for h in trainer.history):  # a coupling flow has no bounds
+            save_lipschitz(trainer.history, run / "lipschitz.png", f"certified bounds: {name}")

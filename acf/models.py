@@ -18,13 +18,23 @@ from torch import nn
 
 from ._checks import check_choice, check_coefficient, check_image, check_int, check_real
 from .layers.block import ContractiveBlock
-from .layers.branches import BRANCHES, resflow_branch
+from .layers.coupling import AffineCoupling
+from .layers.attention import LAYER_FORMS
+from .layers.branches import BRANCHES, GATED_WEIGHT, attention_branch, resflow_branch
 from .layers.flow import ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob
 from .layers.logdet import LogdetEstimator
 from .layers.spectral_norm import refresh_spectral_norms
 
+# Architectures: a contractive residual flow per branch of ``BRANCHES``, and "coupling", the
+# uncertified reference (affine coupling layers, ``acf.layers.coupling``; attention "dot" only).
+ARCHS = (*BRANCHES, "coupling")
 ATTENTION_CHOICES = (None, "l2", "l2-tight", "lipnorm", "dot")
 HEAD_LAYOUTS = ("grouped", "multihead")
+# How attention joins the flow (docs/design.md, section 3), and the initial weight of its path
+# (``gamma_init=None``): inside each branch, as eq. 13 normalised ("residual", the paper's) or as a
+# quadrature channel concatenation ("quadrature"); or as gated attention blocks of their own after
+# each residual block of a stage ("gated").
+ATTENTION_FORMS = {"residual": LAYER_FORMS["residual"], "quadrature": LAYER_FORMS["quadrature"], "gated": GATED_WEIGHT}
 
 
 @dataclass(frozen=True)
@@ -48,14 +58,21 @@ class ModelConfig:
     logit_alpha: float = 1e-6
     n_classes: Optional[int] = None  # hybrid model: a linear classifier on z
     estimator: LogdetEstimator = field(default_factory=LogdetEstimator)
-    gamma_init: float = 0.0          # attention: initial gamma (0: the layer starts as the identity)
+    attention_form: str = "residual"  # one of ATTENTION_FORMS
+    attention_scales: Optional[tuple[int, ...]] = None  # the stages (0 = first) with attention; None: all
+    gamma_init: Optional[float] = None  # initial weight of the attention path; None: the form's default
+    positional: bool = False         # attention: a learnt positional embedding added to its tokens
+    kernel_size: int = 3             # iresnet / resflow: the branch's outer kernels (k-1-k); 1: no spatial mixing
     delta_max: float = 0.5           # "l2-tight" attention: logit range, ball radius, head layout
     ball_radius: float = 1.0
     head_layout: str = "grouped"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.arch, str) or self.arch not in BRANCHES:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(BRANCHES)}")
+        if not isinstance(self.arch, str) or self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.arch == "coupling" and self.attention not in (None, "dot"):
+            raise ValueError(f"the coupling flow's conditioners take attention 'dot' (exact inverse, no certificate "
+                             f"needed) or none, got {self.attention!r}")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"unknown attention {self.attention!r}; choose one of {ATTENTION_CHOICES}")
         shape = self.input_shape
@@ -64,17 +81,33 @@ class ModelConfig:
         for name, value in zip(("channels", "height", "width"), shape):
             check_int(value, f"input_shape {name}", minimum=1)
         object.__setattr__(self, "input_shape", tuple(shape))  # a list (from JSON) compares unequal to shapes
-        for name in ("heads", "n_scales", "blocks_per_scale", "hidden", "growth", "depth", "fc_hidden"):
+        for name in ("heads", "n_scales", "blocks_per_scale", "hidden", "growth", "depth", "fc_hidden", "kernel_size"):
             check_int(getattr(self, name), name, minimum=1)
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (the convolutions keep the image size), got {self.kernel_size}")
+        check_choice(self.attention_form, "attention_form", tuple(ATTENTION_FORMS))
+        if self.attention_scales is not None:
+            scales = self.attention_scales
+            if not isinstance(scales, (tuple, list)) or not scales:
+                raise ValueError(f"attention_scales must be a non-empty list of stage indices or None, got {scales!r}")
+            for i in scales:
+                check_int(i, "attention_scales entry", minimum=0)
+                if i >= self.n_scales:
+                    raise ValueError(f"attention_scales entry {i} is not a stage: the model has n_scales={self.n_scales} "
+                                     f"(stages 0..{self.n_scales - 1})")
+            object.__setattr__(self, "attention_scales", tuple(sorted(set(scales))))
+        if self.gamma_init is not None:
+            low, high = {"residual": (None, None), "quadrature": (0.0, 1.0), "gated": (0.0, 1.0)}[self.attention_form]
+            check_real(self.gamma_init, f"gamma_init (form {self.attention_form!r})", low, high,
+                       low_open=self.attention_form == "gated", high_open=True)
         check_int(self.fc_blocks, "fc_blocks", minimum=0)
         if self.n_classes is not None:
             check_int(self.n_classes, "n_classes", minimum=2)
-        for name in ("squeeze_first", "factor_out"):
+        for name in ("squeeze_first", "factor_out", "positional"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_coefficient(check_real(self.coeff, "coeff"))
         check_real(self.logit_alpha, "logit_alpha", low=0.0, high=0.5, high_open=True)
-        check_real(self.gamma_init, "gamma_init")
         check_real(self.delta_max, "delta_max", low=0.0, high=20.0, low_open=True)
         check_real(self.ball_radius, "ball_radius", low=0.0, low_open=True)
         check_choice(self.head_layout, "head_layout", HEAD_LAYOUTS)
@@ -125,18 +158,44 @@ def n_squeezes(cfg: ModelConfig) -> int:
     return cfg.n_scales - (0 if cfg.squeeze_first else 1)
 
 
-def attention_options(cfg: ModelConfig) -> dict:
-    """The options of ``make_attention`` for the configured attention layer, beyond channels and heads."""
-    options: dict = {"gamma_init": cfg.gamma_init}
+def attention_options(cfg: ModelConfig, hw: tuple[int, int]) -> dict:
+    """The options of the configured attention layer on an ``hw`` image beyond its kind, channels and
+    heads (for ``make_attention``; the gated form passes them to ``attention_branch``, which fixes the form)."""
+    options: dict = {"gamma_init": cfg.gamma_init, "tokens": hw[0] * hw[1] if cfg.positional else 0}
+    if cfg.attention_form != "gated":
+        options["form"] = cfg.attention_form
     if cfg.attention == "l2-tight":
         options.update(delta_max=cfg.delta_max, radius=cfg.ball_radius, layout=cfg.head_layout)
     return options
 
 
-def _branch(cfg: ModelConfig, channels: int, hw: tuple[int, int]) -> nn.Module:
-    kw = {"growth": cfg.growth, "depth": cfg.depth} if cfg.arch == "idensenet" else {"hidden": cfg.hidden}
-    return BRANCHES[cfg.arch](channels, hw, coeff=cfg.coeff, attention=cfg.attention, heads=cfg.heads,
-                              attention_options=attention_options(cfg), **kw)
+def attends(cfg: ModelConfig, stage: int) -> bool:
+    """Whether stage ``stage`` (0 = first) carries attention."""
+    return cfg.attention is not None and (cfg.attention_scales is None or stage in cfg.attention_scales)
+
+
+def _branch(cfg: ModelConfig, channels: int, hw: tuple[int, int], stage: int) -> nn.Module:
+    kw = ({"growth": cfg.growth, "depth": cfg.depth} if cfg.arch == "idensenet" else
+          {"hidden": cfg.hidden, "kernels": (cfg.kernel_size, 1, cfg.kernel_size)})
+    inside = attends(cfg, stage) and cfg.attention_form != "gated"
+    return BRANCHES[cfg.arch](channels, hw, coeff=cfg.coeff, attention=cfg.attention if inside else None,
+                              heads=cfg.heads, attention_options=attention_options(cfg, hw), **kw)
+
+
+def _gated_block(cfg: ModelConfig, channels: int, hw: tuple[int, int]) -> ContractiveBlock:
+    """A gated attention block (``attention_branch``, ``cfg.hidden`` channels for the attention), drawn
+    without advancing the global random stream (the other blocks start as in the model without it)."""
+    options = attention_options(cfg, hw)
+    with torch.random.fork_rng(devices=[]):
+        g = attention_branch(channels, hw, cfg.attention, hidden=cfg.hidden, heads=cfg.heads, coeff=cfg.coeff,
+                             gamma_init=options.pop("gamma_init"), attention_options=options)
+    return _block(cfg, g)
+
+
+def _coupling(cfg: ModelConfig, channels: int, hw: tuple[int, int], stage: int, index: int) -> AffineCoupling:
+    """A checkerboard coupling layer (alternating parity), attention in its conditioner where the stage has it."""
+    return AffineCoupling(channels, hw, parity=index % 2, hidden=cfg.hidden,
+                          attention_heads=cfg.heads if attends(cfg, stage) else 0)
 
 
 def _block(cfg: ModelConfig, g: nn.Module) -> ContractiveBlock:
@@ -164,8 +223,11 @@ class ACFModel(nn.Module):
             if scale > 0 or cfg.squeeze_first:
                 c, h, w = c * 4, h // 2, w // 2
                 layers.append(Squeeze())
-            for _ in range(cfg.blocks_per_scale):
-                layers += [ActNorm(c), _block(cfg, _branch(cfg, c, (h, w)))]
+            for i in range(cfg.blocks_per_scale):
+                layers += [ActNorm(c), _coupling(cfg, c, (h, w), scale, i) if cfg.arch == "coupling" else
+                           _block(cfg, _branch(cfg, c, (h, w), scale))]
+                if cfg.attention_form == "gated" and attends(cfg, scale):
+                    layers.append(_gated_block(cfg, c, (h, w)))
             self.stages.append(SequentialFlow(layers))
             leaves = cfg.factor_out and scale < cfg.n_scales - 1 and c % 2 == 0
             self.factored.append((c // 2, h, w) if leaves else None)

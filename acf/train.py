@@ -19,7 +19,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -30,11 +30,10 @@ from tqdm import tqdm
 from . import distributed, runfolder
 from ._checks import check_choice, check_int, check_optional_str, check_real, resolve_device
 from .layers.block import CertificateError, certified_bounds
-from .layers.branches import BRANCHES
 from .data import DATASETS, endless_batches, load_dataset, make_loader, to_float
 from .layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from .layers.logdet import GRADS, LogdetEstimator
-from .models import ATTENTION_CHOICES, HEAD_LAYOUTS, PRESETS, ACFModel, build_model
+from .models import ARCHS, ATTENTION_CHOICES, PRESETS, ACFModel, ModelConfig, model_config
 
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")
 CONFIG, CHECKPOINT = "config.json", "checkpoint.pt"
@@ -75,10 +74,13 @@ class TrainConfig:
     lam: float = 2.0                 # Poisson rate of the roulette
     grad: str = "neumann"            # log-det gradient: neumann, memory_efficient, backprop
     logit_alpha: float = 1e-6
-    gamma_init: float = 0.0          # attention: initial gamma (0: the layer starts as the identity)
+    attention_form: str = "residual"  # how attention joins the flow: residual, quadrature or gated
+    attention_scales: Optional[tuple[int, ...]] = None  # stages (0 = first) with attention; None: all
+    gamma_init: Optional[float] = None  # initial weight of the attention path; None: the form's default
     delta_max: float = 0.5           # "l2-tight" attention: logit range, ball radius, head layout
     ball_radius: float = 1.0
     head_layout: str = "grouped"
+    model: dict = field(default_factory=dict)  # other settings of the model (ModelConfig fields) over the preset's
 
     def __post_init__(self) -> None:
         """Check every field's type and range; errors name the field."""
@@ -86,7 +88,7 @@ class TrainConfig:
             raise ValueError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
         check_optional_str(self.data_root, "data_root")
         check_choice(self.task, "task", ("density", "hybrid"))
-        check_choice(self.arch, "arch", tuple(BRANCHES))
+        check_choice(self.arch, "arch", ARCHS)
         check_choice(self.attention, "attention", ATTENTION_CHOICES)
         check_choice(self.preset, "preset", tuple(PRESETS))
         check_choice(self.grad, "grad", GRADS)
@@ -99,10 +101,17 @@ class TrainConfig:
         check_real(self.ema_decay, "ema_decay", low=0.0, high=1.0, high_open=True)
         check_real(self.lam, "lam", low=0.0, low_open=True)
         check_real(self.logit_alpha, "logit_alpha", low=0.0, high=0.5, high_open=True)
-        check_real(self.gamma_init, "gamma_init")
-        check_real(self.delta_max, "delta_max", low=0.0, high=20.0, low_open=True)
-        check_real(self.ball_radius, "ball_radius", low=0.0, low_open=True)
-        check_choice(self.head_layout, "head_layout", HEAD_LAYOUTS)
+        if isinstance(self.attention_scales, list):  # from JSON
+            object.__setattr__(self, "attention_scales", tuple(self.attention_scales))
+        if not isinstance(self.model, dict):
+            raise TypeError(f"model must be an object of model settings, got {self.model!r}")
+        unknown = sorted(set(self.model) - {f.name for f in fields(ModelConfig)})
+        if unknown:
+            raise ValueError(f"model: unknown model setting(s) {unknown}; known: {sorted(f.name for f in fields(ModelConfig))}")
+        taken = sorted(set(self.model) & set(MODEL_SETTINGS_OF_TRAINING))
+        if taken:
+            raise ValueError(f"model settings {taken} are training settings of their own: set them directly")
+        model_config_of(self)  # every model setting checked now, each error naming its field
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string, got {self.device!r}")
         resolve_device(self.device)  # "auto" is resolved where the run starts
@@ -122,15 +131,28 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def build_for(cfg: TrainConfig) -> ACFModel:
-    """The model a training config describes."""
+# The model settings (ModelConfig fields) a TrainConfig sets itself; ``TrainConfig.model`` holds the others.
+MODEL_SETTINGS_OF_TRAINING = ("arch", "attention", "heads", "input_shape", "n_classes", "estimator", "logit_alpha",
+                              "attention_form", "attention_scales", "gamma_init", "delta_max", "ball_radius",
+                              "head_layout")
+
+
+def model_config_of(cfg: TrainConfig) -> ModelConfig:
+    """The checked model configuration a training config describes (its preset, ``cfg.model`` over it,
+    then the model settings of the training config itself)."""
     info = DATASETS[cfg.data]
     est = LogdetEstimator(method="roulette", n_exact=cfg.n_exact, n_exact_eval=cfg.n_exact_eval, lam=cfg.lam,
                           grad=cfg.grad)
-    return build_model(cfg.arch, cfg.attention, cfg.heads, info.input_shape, preset=cfg.preset,
-                       n_classes=info.n_classes if cfg.task == "hybrid" else None, estimator=est,
-                       logit_alpha=cfg.logit_alpha, gamma_init=cfg.gamma_init, delta_max=cfg.delta_max,
-                       ball_radius=cfg.ball_radius, head_layout=cfg.head_layout)
+    return model_config(cfg.arch, cfg.attention, cfg.heads, info.input_shape, preset=cfg.preset, **cfg.model,
+                        n_classes=info.n_classes if cfg.task == "hybrid" else None, estimator=est,
+                        logit_alpha=cfg.logit_alpha, attention_form=cfg.attention_form,
+                        attention_scales=cfg.attention_scales, gamma_init=cfg.gamma_init, delta_max=cfg.delta_max,
+                        ball_radius=cfg.ball_radius, head_layout=cfg.head_layout)
+
+
+def build_for(cfg: TrainConfig) -> ACFModel:
+    """The model a training config describes."""
+    return ACFModel(model_config_of(cfg))
 
 
 def _write_metrics(run: Path, history: list[dict]) -> None:
@@ -145,7 +167,7 @@ def _write_metrics(run: Path, history: list[dict]) -> None:
 
 # Settings that runs written before they existed do not store, and the values that reproduce those runs.
 SETTINGS_ADDED_LATER = {"gamma_init": 0.0, "delta_max": 0.5, "ball_radius": 1.0, "head_layout": "grouped",
-                        "lr_schedule": "constant"}
+                        "lr_schedule": "constant", "attention_form": "residual", "attention_scales": None, "model": {}}
 
 # Settings a run may change when it continues: it may be extended, and moved to another device (on
 # the same device it continues bit for bit).
@@ -375,7 +397,7 @@ class Trainer:
                         bounds = self.certified_lipschitz()
                         self.history.append({"step": self.step, "train_bpd": sum(recent) / len(recent),
                                              "test_bpd": test_bpd, "test_acc": acc, "seconds": round(self.seconds, 2),
-                                             "lipschitz_max": max(bounds.values()), "lipschitz_blocks": bounds})
+                                             "lipschitz_max": max(bounds.values(), default=None), "lipschitz_blocks": bounds})
                         if progress:
                             bar.write(f"step {self.step}: test bits/dim {test_bpd:.4f}"
                                       + (f", accuracy {acc:.4f}" if acc is not None else ""))

@@ -15,6 +15,9 @@ experiment         what it tests (paper)
 ``interpolation``  latent interpolation between test pairs (Fig. 6)
 ``tight``          the logit range of L2-tight attention in Residual Flow, against no attention
 ``long``           each architecture without and with L2-tight attention, trained longer
+``attention``      whether certified attention earns its place: the residual, quadrature and
+                   gated forms against a parameter-matched baseline at equal steps and equal
+                   wall-clock, paired by seed, with a positive control and an uncertified reference
 =================  ===========================================================================
 
 Each experiment is a module of this package (``convergence.py`` ... ``long.py``) with its ``NAME``,
@@ -50,7 +53,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before any submodule imports pyplot: no display
 
-from . import awgn, classification, convergence, dot, heads, interpolation, long, tight  # noqa: E402
+from . import attention, awgn, classification, convergence, dot, heads, interpolation, long, tight  # noqa: E402
 from .convergence import CONVERGENCE_VARIANTS  # noqa: E402,F401
 from .probes import attention_shares, block_input, jacobian_norm  # noqa: E402,F401
 from .runs import (DEFAULT_OUT, FULL, MICRO, REDUCED, SCALES, Context, Experiment, PathLike,  # noqa: E402,F401
@@ -58,17 +61,19 @@ from .runs import (DEFAULT_OUT, FULL, MICRO, REDUCED, SCALES, Context, Experimen
 from .tables import markdown_table, mean_se, mean_std, read_csv, write_csv  # noqa: E402,F401
 
 EXPERIMENTS: dict[str, Experiment] = {m.EXPERIMENT.name: m.EXPERIMENT for m in (
-    convergence, heads, awgn, dot, classification, interpolation, tight, long)}
+    convergence, heads, awgn, dot, classification, interpolation, tight, long, attention)}
 
 
 def run_experiment(name: str, out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced",
-                   seeds: Optional[int] = None, progress: bool = True) -> list[Path]:
-    """Run experiment ``name`` (or ``"all"``, in registry order) and return the output folders."""
+                   seeds: Optional[int] = None, progress: bool = True, jobs: int = 1) -> list[Path]:
+    """Run experiment ``name`` (or ``"all"``, in registry order) and return the output folders; ``jobs``:
+    training processes of the experiments that train runs in parallel (``Experiment.parallel``)."""
     if name != "all" and name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}, all")
     names = list(EXPERIMENTS) if name == "all" else [name]
     s = get_scale(scale, seeds)  # fail on a bad scale before any work
-    return [EXPERIMENTS[n].run(out, s, None, progress) for n in names]
+    return [EXPERIMENTS[n].run(out, s, None, progress, **({"jobs": jobs} if EXPERIMENTS[n].parallel else {}))
+            for n in names]
 
 
 def _marker(name: str) -> tuple[str, str]:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ..data import ImageDataset, to_float
 from ..evaluate import load_run, run_test_set
-from ..layers.attention import DotProductAttention, L2MultiheadAttention, L2TightAttention, LipNormAttention
+from ..layers.attention import (DotProductAttention, L2MultiheadAttention, L2TightAttention, LipNormAttention,
+                                attention_ablated, attention_layers)
 from ..layers.block import ContractiveBlock
-from ..layers.flow import uniform_dequantize
+from ..layers.branches import Gate
+from ..layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from ..layers.logdet import LogdetEstimator, exact_logdet, logdet_estimate
 from ..models import ACFModel
 from .runs import RunRecord, Scale
@@ -37,25 +39,81 @@ def first_attention_block(model: ACFModel) -> ContractiveBlock:
     raise ValueError("the model has no attention layer")
 
 
+def _gated(block: ContractiveBlock) -> Optional[Gate]:
+    """The gate of a gated attention block (``attention_branch``), or None."""
+    return next((m for m in block.g.modules() if isinstance(m, Gate)), None)
+
+
+def attention_weights(model: torch.nn.Module) -> list[float]:
+    """The learnt weight of every attention path: gamma (residual form), eta2 (quadrature), the gate
+    ``sigmoid(theta)`` of a gated attention block."""
+    gates = [g for b in model.modules() if isinstance(b, ContractiveBlock) for g in [_gated(b)] if g is not None]
+    layers = [l for l in attention_layers(model) if l.form != "normalized"]
+    return [float(l.attention_weight().detach()) for l in layers] + [g.lipschitz_bound() for g in gates]
+
+
 @torch.no_grad()
 def attention_shares(model: ACFModel, x: torch.Tensor) -> list[float]:
-    """For each attention layer, on the inputs it actually receives when ``model`` runs on ``x``: the
-    attention's share of the layer's output before normalisation, ``||gamma F / L|| / ||X||`` (0: the
-    layer is the identity; ``(X + gamma F / L) / (1 + |gamma|)`` is what it returns)."""
+    """For each attention path, on the inputs it actually receives when ``model`` runs on ``x``: the
+    attention part's norm over the identity part's (0: the path does nothing). Residual form: ``||gamma
+    A~|| / ||X||``; quadrature: ``||eta2 A~|| / ||eta1 X||``; a gated attention block: ``||g(x) - g_0(x)|| /
+    ||x||`` with ``g_0`` its branch with the attention knocked out (a constant: its output bias)."""
     shares: list[float] = []
 
-    def measure(layer: torch.nn.Module, inputs: tuple) -> None:
+    def layer_share(layer: torch.nn.Module, inputs: tuple) -> None:
         xt = inputs[0].flatten(2)
-        f = layer.attend(xt)
-        shares.append(float(layer.gamma.abs() * f.norm() / xt.norm().clamp_min(1e-30)))
+        w = float(layer.attention_weight())
+        ident = 1.0 if layer.form == "residual" else math.sqrt(max(1.0 - w * w, 0.0))
+        shares.append(abs(w) * float(layer.attention(xt).norm()) / max(ident * float(xt.norm()), 1e-30))
 
-    handles = [m.register_forward_pre_hook(measure) for m in model.modules() if isinstance(m, ATTENTION_TYPES)]
+    def block_share(block: torch.nn.Module, inputs: tuple) -> None:
+        with attention_ablated(block.g):  # what g is without its attention: its output convolution's bias
+            rest = block.g(inputs[0])
+        shares.append(float((block.g(inputs[0]) - rest).norm() / inputs[0].norm().clamp_min(1e-30)))
+
+    handles = [m.register_forward_pre_hook(layer_share) for m in attention_layers(model) if m.form != "normalized"]
+    handles += [b.register_forward_pre_hook(block_share) for b in model.modules()
+                if isinstance(b, ContractiveBlock) and _gated(b) is not None]
     try:
         model(x)
     finally:
         for h in handles:
             h.remove()
     return shares
+
+
+def attention_pull(model: ACFModel, images: torch.Tensor, batches: int = 4, batch_size: int = 64) -> list[dict]:
+    """How the training loss pulls on each in-branch attention path (residual and quadrature forms): with
+    the layer's ``pull = (a, b)`` at zero, ``dL/da`` is the loss's derivative along the identity part of
+    the layer's output and ``dL/db`` along the attention part, the log-det's dependence included (the
+    model's training estimator, averaged over ``batches`` batches of ``images``, 8-bit in ``[0, 1]``).
+    Returns per layer ``s = -dL/da`` (> 0: the branch wants more gain) and ``r = |dL/db| / |dL/da|``. For
+    the residual form, gamma = 0 is a local minimum (a dead zone) whenever ``r <= 1`` with ``s > 0``."""
+    layers = [l for l in attention_layers(model) if l.form in ("residual", "quadrature")]
+    if not layers:
+        return []
+    p = next(model.parameters())
+    sums = [[0.0, 0.0] for _ in layers]
+    was_training = model.training
+    model.train()
+    try:
+        for i in range(batches):
+            x = images[(i * batch_size) % len(images):][:batch_size].to(p)
+            leaves = [(torch.zeros((), dtype=p.dtype, requires_grad=True),
+                       torch.zeros((), dtype=p.dtype, requires_grad=True)) for _ in layers]
+            for layer, pair in zip(layers, leaves):
+                layer.pull = pair
+            z, logdet = model(uniform_dequantize(x))
+            loss = bits_per_dim(standard_normal_logprob(z) + logdet, model.dims).mean()
+            grads = torch.autograd.grad(loss, [t for pair in leaves for t in pair])
+            for j in range(len(layers)):
+                sums[j][0] += float(grads[2 * j]) / batches
+                sums[j][1] += float(grads[2 * j + 1]) / batches
+    finally:
+        for layer in layers:
+            layer.pull = None
+        model.train(was_training)
+    return [{"s": -da, "dL_db": db, "r": abs(db) / abs(da) if da else None} for da, db in sums]
 
 
 def attention_columns(rec: RunRecord, scale: Scale) -> dict:

@@ -54,13 +54,19 @@ class Scale:
     long_eval_every: int = 500   # ... and its evaluation cadence
     deltas: tuple[float, ...] = (0.5, 1.0, 2.0)  # tight experiment: l2-tight logit ranges
     share_images: int = 64       # test images for the attention's share of a layer's output
+    protocol_steps: tuple[int, ...] = (150, 500, 1000, 2000)  # attention: the evaluated checkpoints
+    protocol_seeds: tuple[int, int] = (10, 6)  # attention: seeds of stage A and stage B
+    protocol_images: int = 359   # attention: test images of stage A (the digits' whole test set) ...
+    protocol_images_b: int = 500  # ... and of stage B
+    timing_steps: int = 12       # attention: steps timed per arm (side by side) for the equal wall-clock
 
 
 MICRO = Scale(name="micro", data="digits", steps=2, batch_size=16, eval_every=1, eval_size=8, n_exact_eval=2,
               warmup=2, seeds=1, heads=(1, 4, 16), classification_data=("digits",), classification_images=16,
               awgn_sigmas=(0.0, 0.1), awgn_images=4, dot_scales=(1.0, 4.0), dot_images=2, logdet_images=1,
               logdet_draws=4, power_iters=3, interp_pairs=2, interp_steps=3, long_steps=3, long_eval_every=3,
-              deltas=(0.5, 2.0), share_images=4)
+              deltas=(0.5, 2.0), share_images=4, protocol_steps=(1, 2), protocol_seeds=(1, 1), protocol_images=8,
+              protocol_images_b=8, timing_steps=1)
 
 # The settings behind the committed tables: `acf experiment all --scale reduced` on a 2-core CPU.
 # Seconds per training step at batch 32 on MNIST-5k, CPU preset (measured 2026-11-28, 1 thread on a
@@ -200,7 +206,7 @@ def _read_json(path: Path) -> dict:
     return doc
 
 
-def _locate(root: Path, owner: str, key: str) -> Path:
+def locate(root: Path, owner: str, key: str) -> Path:
     """The run folder ``key`` under ``root``: the owner's if it holds a checkpoint, else any other
     experiment's that does, else the owner's (new)."""
     own = root / owner / "runs" / key
@@ -218,7 +224,7 @@ def ensure_run(root: Path, owner: str, cfg: TrainConfig, progress: bool = True) 
     (or non-finite activations) ends the run with ``status="nonfinite"``: recorded, not raised.
     The run folder's lock is held throughout (another process working on the same run is refused),
     and the history is the checkpoint's (which the metrics files never run ahead of)."""
-    path = _locate(Path(root), owner, run_key(cfg))
+    path = locate(Path(root), owner, run_key(cfg))
     path.mkdir(parents=True, exist_ok=True)
     with runfolder.lock(path, "acf experiment"):
         side = _read_json(path / SIDECAR)
@@ -323,6 +329,7 @@ class Experiment:
     name: str
     run: Callable[..., Path]
     markdown: Callable[[Context, list[dict]], str]
+    parallel: bool = False  # its run() takes ``jobs``: training processes side by side
 
 
 def start(name: str, out: PathLike, scale: Union[str, Scale], seeds: Optional[int], progress: bool) -> Context:

@@ -21,14 +21,16 @@ NCHW tensors in the forward pass and in every VJP.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import lru_cache
+from typing import Iterator
 
 import torch
 from scipy.special import lambertw
 from torch import nn
 
-from .._checks import check_image
+from .._checks import check_choice, check_image, check_int, check_real
 from ..ops.l2_attention import l2_attention
 
 LIPNORM_SCORE_BOUND = math.exp(math.sqrt(3.0)) + 2.0 * math.sqrt(6.0)  # eq. 15 with m = n
@@ -90,17 +92,57 @@ def lipnorm_lipschitz_bound(w_qkv: torch.Tensor, w_o: torch.Tensor) -> torch.Ten
     return LIPNORM_SCORE_BOUND * _spectral_norm_exact(w_qkv) * _spectral_norm_exact(w_o)
 
 
+# How a layer's certified attention ``A~ = F / L`` (``||J_A~|| <= 1``) joins its input ``X``: the form's
+# output, its channels, and the initial weight of the attention path (``weight=None``). Every form is
+# 1-Lipschitz for every value of its learnt weight (docs/design.md, section 3).
+#   "residual"   (X + gamma A~) / (1 + |gamma|): eq. 13 normalised; weight gamma, 0 = the identity (the paper)
+#   "quadrature" [eta1 X ; eta2 A~] (channels doubled), eta1 = cos theta, eta2 = sin theta: weight eta2
+#   "normalized" A~ alone: the attention inside a gated attention block (``acf.layers.branches``)
+LAYER_FORMS = {"residual": 0.0, "quadrature": 0.2, "normalized": None}
+POSITION_INIT = 0.1  # standard deviation of the positional embedding's entries at initialisation
+
+
 class _ContractiveAttention(nn.Module):
-    """NCHW <-> (B, N, D) plumbing, learnable gamma and the normalised eq. 13 output."""
+    """NCHW <-> (B, D, N) plumbing, and the form that joins ``A~ = F / L`` to its input (``LAYER_FORMS``).
+
+    With ``ablated = True`` the attention path is zeroed (``A~ = 0``): the knock-out that measures what
+    the attention contributes to a trained model (``attention_ablated``). ``pull = (a, b)``, two scalar
+    tensors (normally None), adds ``a X`` to the identity part of the output and ``b A~`` to the
+    attention part: at ``a = b = 0`` their gradients are the loss's derivatives along the identity and
+    the attention directions (``acf.experiments.probes.attention_pull``)."""
 
     certified = True
 
-    def __init__(self, channels: int, heads: int) -> None:
+    def __init__(self, channels: int, heads: int, form: str = "residual", weight: float | None = None,
+                 tokens: int = 0) -> None:
         super().__init__()
         if heads < 1 or channels % heads != 0:
             raise ValueError(f"heads={heads} must divide channels={channels} (head dim = channels / heads)")
+        check_choice(form, "attention form", tuple(LAYER_FORMS))
         self.channels, self.heads, self.head_dim = channels, heads, channels // heads
-        self.gamma = nn.Parameter(torch.zeros(()))
+        self.form, self.ablated = form, False
+        self.pull: tuple[torch.Tensor, torch.Tensor] | None = None
+        check_int(tokens, "tokens", minimum=0)  # N > 0: a learnt positional embedding P (D x N)
+        self.positions = nn.Parameter(POSITION_INIT * torch.randn(channels, tokens)) if tokens else None
+        w0 = LAYER_FORMS[form] if weight is None else weight
+        if form == "residual":
+            self.gamma = nn.Parameter(torch.tensor(float(check_real(w0, "gamma_init"))))
+        elif form == "quadrature":  # eta2 = sin(theta) in [0, 1)
+            self.theta = nn.Parameter(torch.tensor(math.asin(check_real(w0, "gamma_init (the quadrature form's "
+                                                                          "eta2)", 0.0, 1.0, high_open=True))))
+        elif weight is not None:
+            raise ValueError("the normalized attention form has no weight of its own (its block's gate has)")
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the layer's output: the input's, doubled by the quadrature form."""
+        return 2 * self.channels if self.form == "quadrature" else self.channels
+
+    def attention_weight(self) -> torch.Tensor:
+        """The learnt weight of the attention path: gamma (residual), eta2 (quadrature), 1 (normalized)."""
+        if self.form == "residual":
+            return self.gamma
+        return torch.sin(self.theta) if self.form == "quadrature" else torch.ones(())
 
     def _weight(self, cols: int) -> nn.Parameter:
         return nn.Parameter(torch.randn(self.channels, cols) / math.sqrt(self.channels))
@@ -120,15 +162,29 @@ class _ContractiveAttention(nn.Module):
         ``W^O``, which saves a pass over the output in the forward and in every VJP)."""
         raise NotImplementedError
 
+    def attention(self, xt: torch.Tensor, out_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """``out_scale * A~(X)^T``: ``F(X + P) / L`` with the positional embedding ``P`` (if any; a
+        translation of the input, which leaves the Lipschitz constant as it is); zero when ablated."""
+        if self.ablated:
+            return torch.zeros_like(xt)
+        return self.attend(xt if self.positions is None else xt + self.positions, out_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.channels)
         xt = x.flatten(2)  # (B, D, N) = X^T: channel-major, a view of the image
-        norm = 1.0 + self.gamma.abs()
-        out = torch.addcmul(self.attend(xt, self.gamma / norm), 1.0 / norm, xt)  # (gamma F/L + X) / norm
-        return out.reshape(x.shape)
+        b, _, h, w = x.shape
+        a, p = self.pull if self.pull is not None else (0.0, 0.0)
+        if self.form == "residual":
+            norm = 1.0 + self.gamma.abs()
+            out = torch.addcmul(self.attention(xt, self.gamma / norm + p), 1.0 / norm + a, xt)  # (gamma A~ + X) / norm
+        elif self.form == "quadrature":
+            out = torch.cat([(torch.cos(self.theta) + a) * xt, self.attention(xt, torch.sin(self.theta) + p)], dim=1)
+        else:
+            out = self.attention(xt, 1.0 + p)
+        return out.reshape(b, -1, h, w)
 
     def lipschitz_bound(self) -> float:
-        """Certified ``Lip_2`` of the layer: 1 for the normalised output (see module docstring)."""
+        """Certified ``Lip_2`` of the layer: 1 for every form (docs/design.md, section 3)."""
         return 1.0 if self.certified else math.inf
 
 
@@ -140,8 +196,9 @@ class L2MultiheadAttention(_ContractiveAttention):
     D x D matrix ``A_h`` is never formed), ``F = [f_1 ... f_H] W^O``.
     """
 
-    def __init__(self, channels: int, heads: int = 4, backend: str = "auto") -> None:
-        super().__init__(channels, heads)
+    def __init__(self, channels: int, heads: int = 4, backend: str = "auto", form: str = "residual",
+                 weight: float | None = None, tokens: int = 0) -> None:
+        super().__init__(channels, heads, form, weight, tokens)
         self.w_q, self.w_v, self.w_o = self._weight(channels), self._weight(channels), self._weight(channels)
         self.backend = backend  # l2_attention backend: "auto", "triton", "sdpa" or "reference"
 
@@ -170,8 +227,9 @@ class LipNormAttention(_ContractiveAttention):
 
     eps = 1e-12
 
-    def __init__(self, channels: int, heads: int = 4) -> None:
-        super().__init__(channels, heads)
+    def __init__(self, channels: int, heads: int = 4, form: str = "residual", weight: float | None = None,
+                 tokens: int = 0) -> None:
+        super().__init__(channels, heads, form, weight, tokens)
         self.w_qkv, self.w_o = self._weight(3 * channels), self._weight(channels)
 
     def bound(self) -> torch.Tensor:
@@ -195,8 +253,9 @@ class DotProductAttention(_ContractiveAttention):
 
     certified = False
 
-    def __init__(self, channels: int, heads: int = 4) -> None:
-        super().__init__(channels, heads)
+    def __init__(self, channels: int, heads: int = 4, form: str = "residual", weight: float | None = None,
+                 tokens: int = 0) -> None:
+        super().__init__(channels, heads, form, weight, tokens)
         self.w_qkv, self.w_o = self._weight(3 * channels), self._weight(channels)
 
     def attend(self, xt: torch.Tensor, out_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -290,8 +349,9 @@ class L2TightAttention(_ContractiveAttention):
     """
 
     def __init__(self, channels: int, heads: int = 4, delta_max: float = 0.5, radius: float = 1.0,
-                 layout: str = "grouped", backend: str = "auto") -> None:
-        super().__init__(channels, heads)
+                 layout: str = "grouped", backend: str = "auto", form: str = "residual",
+                 weight: float | None = None, tokens: int = 0) -> None:
+        super().__init__(channels, heads, form, weight, tokens)
         if not (isinstance(delta_max, (int, float)) and 0 < delta_max <= 20):
             raise ValueError(f"delta_max must be in (0, 20], got {delta_max!r}")
         if not (isinstance(radius, (int, float)) and 0 < radius < math.inf):
@@ -364,15 +424,36 @@ ATTENTIONS = {"l2": L2MultiheadAttention, "l2-tight": L2TightAttention, "lipnorm
               "dot": DotProductAttention}
 
 
-def make_attention(kind: str, channels: int, heads: int = 4, gamma_init: float = 0.0, **options) -> nn.Module:
+def make_attention(kind: str, channels: int, heads: int = 4, gamma_init: float | None = None,
+                   form: str = "residual", **options) -> nn.Module:
     """Build an attention layer by name: ``"l2"``, ``"l2-tight"``, ``"lipnorm"`` or ``"dot"``
-    (ablation), with ``gamma`` starting at ``gamma_init`` (0, the paper's choice, starts as the
-    identity); ``options`` go to its constructor (e.g. ``delta_max`` for ``"l2-tight"``)."""
+    (ablation), joined to its input by ``form`` (``LAYER_FORMS``), the attention path's weight starting
+    at ``gamma_init`` (None: the form's default; residual: 0, the paper's choice, starts as the
+    identity); ``options`` go to its constructor (e.g. ``delta_max`` for ``"l2-tight"``). Its weights are
+    drawn without advancing the global random stream, so that a model with attention initialises every
+    other layer as its twin without attention does (paired comparisons)."""
     if kind not in ATTENTIONS:
         raise ValueError(f"unknown attention {kind!r}; choose one of {sorted(ATTENTIONS)} or None")
-    if not (isinstance(gamma_init, (int, float)) and math.isfinite(gamma_init)):
-        raise ValueError(f"gamma_init must be a finite number, got {gamma_init!r}")
-    layer = ATTENTIONS[kind](channels, heads, **options)
-    with torch.no_grad():
-        layer.gamma.fill_(float(gamma_init))
-    return layer
+    with torch.random.fork_rng(devices=[]):  # the layers built after it start as they would without it
+        return ATTENTIONS[kind](channels, heads, form=form, weight=gamma_init, **options)
+
+
+def attention_layers(module: nn.Module) -> list[_ContractiveAttention]:
+    """Every attention layer inside ``module``, in order."""
+    return [m for m in module.modules() if isinstance(m, _ContractiveAttention)]
+
+
+@contextlib.contextmanager
+def attention_ablated(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every attention path of ``module`` is zeroed (``A~ = 0``; the residual form then
+    returns ``X / (1 + |gamma|)``, the quadrature form ``[eta1 X ; 0]``, a gated attention block the
+    identity): the knock-out that shows what the attention contributes. Every form stays 1-Lipschitz,
+    so the ablated model is still a certified flow and its bits/dim are a likelihood."""
+    layers = attention_layers(module)
+    for layer in layers:
+        layer.ablated = True
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.ablated = False

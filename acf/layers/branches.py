@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .._checks import check_real
 from .activations import CLipSwish, make_activation
 from .attention import make_attention
 from .block import LipschitzChain
@@ -24,11 +25,13 @@ def _conv_stack(channels: int, hidden: int, input_hw: tuple[int, int], kernels: 
     widths = [channels] + [hidden] * (len(kernels) - 1) + [channels]
     layers: list[nn.Module] = []
     for i, k in enumerate(kernels):
+        width = widths[i]
         if preactivation or i > 0:
             layers.append(make_activation(activation))
         if i == 1 and attention is not None:
-            layers.append(make_attention(attention, widths[i], heads, **(attention_options or {})))
-        layers.append(SpectralConv2d(widths[i], widths[i + 1], k, input_hw, coeff=coeff))
+            layers.append(make_attention(attention, width, heads, **(attention_options or {})))
+            width = layers[-1].out_channels  # the quadrature form doubles it
+        layers.append(SpectralConv2d(width, widths[i + 1], k, input_hw, coeff=coeff))
     return LipschitzChain(*layers)
 
 
@@ -86,8 +89,44 @@ def idensenet_branch(channels: int, input_hw: tuple[int, int], growth: int = 16,
         width += growth
     if attention is not None:
         layers.append(make_attention(attention, width, heads, **(attention_options or {})))
+        width = layers[-1].out_channels
     layers.append(SpectralConv2d(width, channels, 1, input_hw, coeff=coeff))
     return LipschitzChain(*layers)
+
+
+class Gate(nn.Module):
+    """Multiplication by a learnt ``w = sigmoid(theta)`` in (0, 1): ``Lip = w``."""
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        w = check_real(weight, "gamma_init (the gated attention block's weight)", 0.0, 1.0, True, True)
+        self.theta = nn.Parameter(torch.tensor(math.log(w / (1.0 - w))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.theta)
+
+    @torch.no_grad()
+    def lipschitz_bound(self) -> float:
+        return float(torch.sigmoid(self.theta))
+
+
+GATED_WEIGHT = 0.5  # the gate's initial weight w (``gamma_init=None``)
+
+
+def attention_branch(channels: int, input_hw: tuple[int, int], attention: str, hidden: int = 32, heads: int = 4,
+                     coeff: float = 0.97, gamma_init: Optional[float] = None,
+                     attention_options: Optional[dict] = None) -> LipschitzChain:
+    """The branch of a gated attention block ``y = x + g(x)`` (after Zha et al., with a sound bound):
+    ``g = w . W_out . A~ . W_in`` with 1x1 convolutions ``W_in`` (``channels -> hidden``) and ``W_out``
+    (back), the certified attention ``A~ = F / L`` on the ``hidden`` channels (form ``"normalized"``)
+    and a learnt gate ``w = sigmoid(theta)`` (``Gate``, starting at ``gamma_init``, default
+    ``GATED_WEIGHT``). ``Lip(g) <= w c^2 < 1``; the attention competes with no identity path inside
+    ``g``: the block's own ``x`` is the identity, and ``w`` has a gradient at any value (no dead zone)."""
+    options = {k: v for k, v in (attention_options or {}).items() if k != "gamma_init"}
+    return LipschitzChain(SpectralConv2d(channels, hidden, 1, input_hw, coeff=coeff),
+                          make_attention(attention, hidden, heads, form="normalized", **options),
+                          SpectralConv2d(hidden, channels, 1, input_hw, coeff=coeff),
+                          Gate(GATED_WEIGHT if gamma_init is None else gamma_init))
 
 
 BRANCHES = {"iresnet": iresnet_branch, "resflow": resflow_branch, "idensenet": idensenet_branch}

@@ -119,7 +119,10 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _vjp(gx: torch.Tensor, x: torch.Tensor, w: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
-    (out,) = torch.autograd.grad(gx, x, w, retain_graph=True, create_graph=create_graph)
+    """``w^T J_g``; zero where ``g`` does not depend on ``x`` (a branch whose attention is knocked out)."""
+    if not gx.requires_grad:
+        return torch.zeros_like(x)
+    (out,) = torch.autograd.grad(gx, x, w, retain_graph=True, create_graph=create_graph, materialize_grads=True)
     return out
 
 
@@ -135,7 +138,8 @@ def exact_logdet(g: GFunc, x: torch.Tensor, create_graph: bool = False,
                          f"it is meant for small inputs (at most {max_dim} dimensions)")
     gx = g(x)
     flat = gx.reshape(x.shape[0], dim)
-    rows = [torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True, create_graph=create_graph)[0]
+    rows = [torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True, create_graph=create_graph,
+                                materialize_grads=True)[0] if flat.requires_grad else torch.zeros_like(x)
             for i in range(dim)]
     jac = torch.stack([r.reshape(x.shape[0], dim) for r in rows], dim=1)  # (B, D_out, D_in)
     # Samples whose Jacobian is not finite get NaN: LAPACK's LU can hang on NaN input.
