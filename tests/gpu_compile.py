@@ -6,7 +6,7 @@ and ``bench/compile_check.py``):
 * **CUDA** (``csrc/*.cu``, the kernels of ``acf._C``): ``nvcc`` from NVIDIA's pip wheels
   (``nvidia-cuda-nvcc``, ``-crt``, ``nvidia-nvvm``, ``nvidia-cuda-cccl``, ``-runtime``: the
   ``test`` extra installs them on Linux x86-64) against torch's headers (a CPU build of torch
-  ships ``c10/cuda`` and ``ATen/cuda`` too), with the flags ``setup.py``'s ``CUDAExtension`` gets
+  ships ``c10/cuda`` and ``ATen/cuda`` too, all but one generated header), with the flags ``setup.py``'s ``CUDAExtension`` gets
   from torch's ``BuildExtension`` (``compile_cu``), and ``-Xptxas -v``: registers, stack frame
   and spills per kernel and architecture (``parse_ptxas``).
 * **Triton** (``kernels/l2_attention.py``): ``triton.compile`` of an ``ASTSource`` for a
@@ -90,7 +90,8 @@ def missing_cuda_parts(root: Path) -> list[str]:
 
 
 def setup_constant(name: str):
-    """A module-level constant of ``setup.py`` (``CUDA_SOURCES``, ``NVCC_FLAGS``), read without running it."""
+    """A module-level constant of ``setup.py`` (``CPU_SOURCES``, ``CUDA_SOURCES``, ``NVCC_FLAGS``), read
+    without running it."""
     tree = ast.parse((REPO / "setup.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
@@ -100,7 +101,7 @@ def setup_constant(name: str):
 
 def torch_cxx_std() -> str:
     """The ``-std=c++NN`` torch's ``BuildExtension`` appends when the flags name none (c++17 in older
-    torch, c++20 since 2.10); it is not exported, so it is read from its source."""
+    torch, c++20 in 2.13); it is not exported, so it is read from its source."""
     import inspect
 
     from torch.utils import cpp_extension
