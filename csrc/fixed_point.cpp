@@ -174,7 +174,8 @@ void anderson_step_cpu(at::Tensor& x, const at::Tensor& gx, const at::Tensor& y,
           G[j * m + slot] = s;
         }
         double alpha[kMaxAndersonMemory];
-        acf_anderson::anderson_weights(G, m, (int)filled, (int)slot, reg, alpha);
+        double chol[kMaxAndersonMemory * kMaxAndersonMemory];
+        acf_anderson::anderson_weights(G, m, (int)filled, (int)slot, reg, alpha, chol);
         for (int64_t i = 0; i < D; ++i) {
           const double base = (double)xs[i] + beta * (double)fs[i];
           double s = base;

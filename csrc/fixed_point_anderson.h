@@ -32,9 +32,15 @@ ACF_HOST_DEVICE inline bool finite(double v) {
 // Solve (G + reg * max(diag G) I) z = 1 by Cholesky (G is n x n inside an m-strided buffer,
 // n <= kMaxMemory); alpha = z / sum(z). Falls back to alpha = e_slot (a plain Banach step) if the
 // system is not positive definite or the weights are not finite.
-ACF_HOST_DEVICE inline void anderson_weights(const double* G, int m, int n, int slot, double reg, double* alpha) {
-  double L[kMaxMemory * kMaxMemory];
-  double z[kMaxMemory];
+//
+// `L` is caller-provided scratch for the Cholesky factor (n * n <= kMaxMemory^2 doubles, 2 KiB), and z
+// is solved in place in `alpha`. The CUDA kernel passes shared memory: as local arrays of this
+// function, the factor and z were a 2,176-byte stack frame in local memory for every thread of the
+// kernel (ptxas -v), although only thread 0 runs the solve, and the driver reserves local memory for
+// the stack frame of every thread that can be resident on the GPU.
+ACF_HOST_DEVICE inline void anderson_weights(const double* G, int m, int n, int slot, double reg, double* alpha,
+                                             double* L) {
+  double* z = alpha;
   double dmax = 0.0;
   for (int i = 0; i < n; ++i) dmax = G[i * m + i] > dmax ? G[i * m + i] : dmax;
   const double lam = reg * (dmax > 0.0 ? dmax : 1.0);

@@ -78,6 +78,7 @@ __global__ void anderson_kernel(T* __restrict__ x, const T* __restrict__ gx, con
   __shared__ T smax[kWarps];
   __shared__ double sdot[kMaxAndersonMemory][kWarps];
   __shared__ double salpha[kMaxAndersonMemory];
+  __shared__ double schol[kMaxAndersonMemory * kMaxAndersonMemory];  // thread 0's Cholesky factor
   const int64_t b = blockIdx.x;
   if (converged[b]) return;
   T* xb = x + b * D;
@@ -99,18 +100,26 @@ __global__ void anderson_kernel(T* __restrict__ x, const T* __restrict__ gx, con
   }
   if (done || !update) return;
 
-  // 2. push (x, f) into the ring buffer; inner products of f with every stored residual
+  // 2. push (x, f) into the ring buffer; inner products of f with every stored residual. The loops
+  // over j run to the compile-time maximum (guarded by j < filled) and are unrolled, so that acc is
+  // indexed by constants and lives in registers (56 per thread instead of 34): with a run-time bound
+  // it was a 128-byte stack frame in local memory (ptxas -v), read and written for every element.
   double acc[kMaxAndersonMemory];
+#pragma unroll
   for (int j = 0; j < kMaxAndersonMemory; ++j) acc[j] = 0.0;
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
     const T f = yb[i] - gb[i] - xb[i];
     xhb[slot * D + i] = xb[i];
     fhb[slot * D + i] = f;
     const double fd = (double)f;
-    for (int j = 0; j < filled; ++j) acc[j] += fd * (double)(j == slot ? f : fhb[j * D + i]);
+#pragma unroll
+    for (int j = 0; j < kMaxAndersonMemory; ++j)
+      if (j < filled) acc[j] += fd * (double)(j == slot ? f : fhb[j * D + i]);
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int j = 0; j < filled; ++j) {
+#pragma unroll
+  for (int j = 0; j < kMaxAndersonMemory; ++j) {
+    if (j >= filled) break;  // filled is the same for the whole block: the shuffles stay converged
     const double s = warp_sum(acc[j]);
     if (lane == 0) sdot[j][warp] = s;
   }
@@ -124,7 +133,7 @@ __global__ void anderson_kernel(T* __restrict__ x, const T* __restrict__ gx, con
       G[slot * m + j] = s;
       G[j * m + slot] = s;
     }
-    acf_anderson::anderson_weights(G, m, filled, slot, reg, salpha);
+    acf_anderson::anderson_weights(G, m, filled, slot, reg, salpha, schol);
   }
   __syncthreads();
 

@@ -32,3 +32,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The compile tests' reports (registers, stack, spills per GPU kernel), at the end of the run."""
+    import sys
+
+    compile_report = sys.modules.get("gpu_compile")
+    for title, lines in getattr(compile_report, "REPORT", []):
+        terminalreporter.write_sep("-", title)
+        for line in lines:
+            terminalreporter.write_line(line)
