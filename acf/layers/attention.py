@@ -28,7 +28,7 @@ import torch
 from scipy.special import lambertw
 from torch import nn
 
-from .._checks import check_image
+from .._checks import check_finite_parameter, check_gamma_init, check_image, check_int
 from ..ops.l2_attention import l2_attention
 
 LIPNORM_SCORE_BOUND = math.exp(math.sqrt(3.0)) + 2.0 * math.sqrt(6.0)  # eq. 15 with m = n
@@ -90,6 +90,15 @@ def lipnorm_lipschitz_bound(w_qkv: torch.Tensor, w_o: torch.Tensor) -> torch.Ten
     return LIPNORM_SCORE_BOUND * _spectral_norm_exact(w_qkv) * _spectral_norm_exact(w_o)
 
 
+def _over_bound(out_scale: torch.Tensor | float, bound: torch.Tensor) -> torch.Tensor:
+    """``out_scale / L`` for a certified bound ``L > 0``, and 0 (gradients 0) for ``L = 0``: a zero weight
+    makes ``F`` identically 0 and ``L = 0``, and ``F / L`` must then be 0, not ``0 / 0 = NaN``, so that the
+    layer outputs exactly its identity part ``X / (1 + |gamma|)``."""
+    positive = bound > 0
+    return torch.where(positive, out_scale / torch.where(positive, bound, torch.ones_like(bound)),
+                       torch.zeros_like(bound))
+
+
 class _ContractiveAttention(nn.Module):
     """NCHW <-> (B, N, D) plumbing, learnable gamma and the normalised eq. 13 output."""
 
@@ -97,6 +106,8 @@ class _ContractiveAttention(nn.Module):
 
     def __init__(self, channels: int, heads: int) -> None:
         super().__init__()
+        check_int(channels, "channels", minimum=1)
+        check_int(heads, "heads", minimum=1)
         if heads < 1 or channels % heads != 0:
             raise ValueError(f"heads={heads} must divide channels={channels} (head dim = channels / heads)")
         self.channels, self.heads, self.head_dim = channels, heads, channels // heads
@@ -122,13 +133,16 @@ class _ContractiveAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.channels)
+        check_finite_parameter(self, "gamma")  # a NaN gamma would make the whole output NaN
         xt = x.flatten(2)  # (B, D, N) = X^T: channel-major, a view of the image
         norm = 1.0 + self.gamma.abs()
         out = torch.addcmul(self.attend(xt, self.gamma / norm), 1.0 / norm, xt)  # (gamma F/L + X) / norm
         return out.reshape(x.shape)
 
     def lipschitz_bound(self) -> float:
-        """Certified ``Lip_2`` of the layer: 1 for the normalised output (see module docstring)."""
+        """Certified ``Lip_2`` of the layer: 1 for the normalised output (see module docstring); a
+        non-finite gamma has no certificate (``NonFiniteError`` naming it)."""
+        check_finite_parameter(self, "gamma")
         return 1.0 if self.certified else math.inf
 
 
@@ -158,7 +172,7 @@ class L2MultiheadAttention(_ContractiveAttention):
         mt = m.transpose(1, 2).expand(b, h, d, d).reshape(b * h, d, d)
         vt = torch.bmm(mt, qt.reshape(b * h, d, n)).reshape(b, h, d, n)  # (Q_h M_h)^T
         o = l2_attention(self._split_heads(qt), vt.transpose(-1, -2), scale=1.0 / math.sqrt(d), backend=self.backend)
-        return channel_mix(self.w_o * (out_scale / self.bound(n)), self._merge_heads(o))
+        return channel_mix(self.w_o * _over_bound(out_scale, self.bound(n)), self._merge_heads(o))
 
 
 class LipNormAttention(_ContractiveAttention):
@@ -184,7 +198,7 @@ class LipNormAttention(_ContractiveAttention):
         vw = v.norm(dim=-1).amax(dim=-1)               # max_j ||v_j||_2  (B, H)
         denom = torch.maximum(torch.maximum(u * kv, u * vw), kv * vw).clamp_min(self.eps)
         p = torch.softmax((q / denom[..., None, None]) @ k.transpose(-1, -2), dim=-1)  # scale Q, not N x N
-        return channel_mix(self.w_o * (out_scale / self.bound()), self._merge_heads(p @ v))
+        return channel_mix(self.w_o * _over_bound(out_scale, self.bound()), self._merge_heads(p @ v))
 
 
 class DotProductAttention(_ContractiveAttention):
@@ -337,7 +351,7 @@ class L2TightAttention(_ContractiveAttention):
     def attend(self, xt: torch.Tensor, out_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         b, _, n = xt.shape
         h, d = self.heads, self.head_dim
-        scale = out_scale / self.bound(n)
+        scale = _over_bound(out_scale, self.bound(n))
         if self.layout == "grouped":
             xt = ball_projection(xt.reshape(b, h, d, n), self.radius)     # (B, H, d, N): each head's tokens
             q = self._queries(xt)
@@ -370,8 +384,7 @@ def make_attention(kind: str, channels: int, heads: int = 4, gamma_init: float =
     identity); ``options`` go to its constructor (e.g. ``delta_max`` for ``"l2-tight"``)."""
     if kind not in ATTENTIONS:
         raise ValueError(f"unknown attention {kind!r}; choose one of {sorted(ATTENTIONS)} or None")
-    if not (isinstance(gamma_init, (int, float)) and math.isfinite(gamma_init)):
-        raise ValueError(f"gamma_init must be a finite number, got {gamma_init!r}")
+    check_gamma_init(gamma_init)
     layer = ATTENTIONS[kind](channels, heads, **options)
     with torch.no_grad():
         layer.gamma.fill_(float(gamma_init))
