@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_coefficient, check_image, check_int, check_real
+from ._checks import (check_choice, check_coefficient, check_gamma_init, check_image, check_int, check_real,
+                      check_same_dtype)
 from .layers.block import ContractiveBlock
 from .layers.branches import BRANCHES, resflow_branch
 from .layers.flow import ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob
@@ -74,7 +75,7 @@ class ModelConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_coefficient(check_real(self.coeff, "coeff"))
         check_real(self.logit_alpha, "logit_alpha", low=0.0, high=0.5, high_open=True)
-        check_real(self.gamma_init, "gamma_init")
+        check_gamma_init(self.gamma_init)
         check_real(self.delta_max, "delta_max", low=0.0, high=20.0, low_open=True)
         check_real(self.ball_radius, "ball_radius", low=0.0, low_open=True)
         check_choice(self.head_layout, "head_layout", HEAD_LAYOUTS)
@@ -207,6 +208,7 @@ class ACFModel(nn.Module):
         reach the residual blocks."""
         if z.dim() != 2 or z.shape[1] != self.dims:
             raise ValueError(f"z must have shape (batch, {self.dims}), got {tuple(z.shape)}")
+        check_same_dtype(z, next(self.parameters()), "z")  # the forward's message, for the inverse
         left = [s for s in self.factored if s is not None]
         *parts, last = z.split([math.prod(s) for s in left] + [math.prod(self.final_shape)], dim=1)
         b = z.shape[0]
