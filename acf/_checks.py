@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -29,15 +29,51 @@ def check_tensor(
         check_finite(x, name)
 
 
+class NonFiniteError(ValueError):
+    """A tensor that must be finite holds NaN or infinity (``check_finite``)."""
+
+
+def _count_non_finite(x: torch.Tensor) -> str:
+    return f"{int(torch.isnan(x).sum())} NaN, {int(torch.isinf(x).sum())} inf"
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinity (one host sync; skipped inside a compiled
-    graph, where a data-dependent check would split the graph)."""
+    """Raise ``NonFiniteError`` (a ``ValueError``) if ``x`` holds NaN or infinity (one host sync;
+    skipped inside a compiled graph, where a data-dependent check would split the graph)."""
     if torch.compiler.is_compiling():
         return
     if not bool(torch.isfinite(x).all()):
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} inf)")
+        raise NonFiniteError(f"{name} contains non-finite values ({_count_non_finite(x)})")
+
+
+def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> Optional[tuple[str, str]]:
+    """``(name, "k NaN, m inf")`` of the first floating-point tensor of ``named`` that holds NaN or
+    infinity, or None (one host sync when all are finite)."""
+    tensors = [(n, t.detach()) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+        return None
+    name, t = next((n, t) for n, t in tensors if not bool(torch.isfinite(t).all()))
+    return name, _count_non_finite(t)
+
+
+def check_finite_parameter(module: torch.nn.Module, name: str) -> None:
+    """Raise ``NonFiniteError`` naming ``<Module>.<name>`` if that parameter of ``module`` holds NaN or
+    infinity. Checked once per change of the parameter (its version counter: an optimizer step,
+    ``load_state_dict``, an in-place edit), so a forward pays no host sync between changes."""
+    if torch.compiler.is_compiling():
+        return
+    p = getattr(module, name)
+    try:
+        key = (p._version, p.data_ptr())
+    except RuntimeError:  # a torch.func transform's wrapper (no storage): its values are not ours to check
+        return
+    checked = module.__dict__.setdefault("_finite_checked", {})
+    if checked.get(name) == key:
+        return
+    if not bool(torch.isfinite(p.detach()).all()):
+        raise NonFiniteError(f"{type(module).__name__}.{name} is not finite ({_count_non_finite(p.detach())}): "
+                             f"the layer would output NaN; load finite weights")
+    checked[name] = key
 
 
 def check_coefficient(c: float, name: str = "coeff") -> float:
@@ -76,8 +112,9 @@ def check_unit_interval(x: torch.Tensor, name: str) -> None:
 def check_same_dtype(x: torch.Tensor, reference: torch.Tensor, name: str = "input") -> None:
     """Raise ``TypeError`` if ``x`` does not have the dtype of the parameters ``reference`` stands for."""
     if x.dtype != reference.dtype:
+        var = name if name.isidentifier() else "x"
         raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters are {reference.dtype}; convert "
-                        f"the input (x.to({reference.dtype})) or the model (model.to({x.dtype}))")
+                        f"the input ({var}.to({reference.dtype})) or the model (model.to({x.dtype}))")
 
 
 def check_int(value: object, name: str, minimum: Optional[int] = None) -> int:
@@ -119,9 +156,10 @@ def check_optional_str(value: object, name: str) -> None:
         raise TypeError(f"{name} must be a string or null, got {value!r} ({type(value).__name__})")
 
 
-def resolve_device(device: object, name: str = "device") -> torch.device:
-    """``"auto"`` -> CUDA when available, else the CPU; any other string or ``torch.device`` as torch
-    reads it. Errors name ``name`` and say what a device looks like."""
+def parse_device(device: object, name: str = "device") -> torch.device:
+    """The device ``device`` names (``"auto"``: CUDA when available, else the CPU; any other string or
+    ``torch.device`` as torch reads it), whether or not this machine has it: a setting stored by a run
+    trained elsewhere stays valid. Errors name ``name`` and say what a device looks like."""
     if isinstance(device, torch.device):
         return device
     if not isinstance(device, str):
@@ -132,3 +170,40 @@ def resolve_device(device: object, name: str = "device") -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise ValueError(f"{name} {device!r} is not a torch device (e.g. 'auto', 'cpu', 'cuda', 'cuda:1')") from None
+
+
+def _use_instead(name: str) -> str:
+    return f"use {name} cpu or auto" if name.startswith("--") else f"use {name}='cpu' or 'auto'"
+
+
+def resolve_device(device: object, name: str = "device") -> torch.device:
+    """``parse_device``, and a device this machine has: a CUDA device without CUDA (torch built without
+    it, or no GPU found) or past the last GPU raises one ``ValueError`` naming ``name`` and what to use
+    instead (``name`` ``"--device"`` for a command's option)."""
+    dev = parse_device(device, name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} was built without CUDA" if torch.version.cuda is None
+                   else f"torch {torch.__version__} (CUDA {torch.version.cuda}) found no CUDA device")
+            raise ValueError(f"{name} {str(device)!r}: CUDA is not available on this machine ({why}); "
+                             f"{_use_instead(name)}")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{name} {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}; choose one of them, or {_use_instead(name)[4:]}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name} {str(device)!r}: MPS is not available on this machine; {_use_instead(name)}")
+    return dev
+
+
+# Attention layers start at gamma = gamma_init. The layer computes (X + gamma F / L) / (1 + |gamma|):
+# beyond |gamma| = 1e6 its identity share 1 / (1 + |gamma|) falls below float32's resolution of its
+# output, and at 1e308 the parameter itself overflows float32. The accepted range is therefore
+# |gamma_init| <= GAMMA_INIT_MAX.
+GAMMA_INIT_MAX = 1e6
+
+
+def check_gamma_init(value: object, name: str = "gamma_init") -> float:
+    """``value`` if it is a finite number with ``|value| <= GAMMA_INIT_MAX``, else an error naming
+    ``name`` and the range."""
+    return check_real(value, name, low=-GAMMA_INIT_MAX, high=GAMMA_INIT_MAX)

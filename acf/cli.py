@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._checks import check_int, resolve_device
+from .layers.block import uncertified_warning
 from .layers.flow import bits_per_dim, uniform_dequantize
 from .layers.logdet import GRADS
 from .data import DATASETS, load_dataset
@@ -133,7 +134,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if os.environ.get("RANK", "0") == "0":
         print(f"acf train: {cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, {cfg.steps} steps on "
-              f"{resolve_device(cfg.device)} -> {what}")
+              f"{resolve_device(cfg.device, '--device')} -> {what}")
+        if uncertified_warning(cfg.attention):
+            print(uncertified_warning(cfg.attention), file=sys.stderr)
     args.interrupt_hint = f"; {run} keeps its last checkpoint (if any): continue with acf train --resume {run}"
     trainer = train(cfg, run, resume=bool(args.resume), workers=args.workers)
     if not distributed.is_main():
@@ -246,6 +249,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 ATTENTION_FLAG_CHOICES = ["l2", "l2-tight", "lipnorm", "dot", "none"]
+ATTENTION_HELP = ("attention layer in each branch; dot is an UNCERTIFIED ablation: not Lipschitz, its blocks are NOT "
+                  "guaranteed invertible")
 DEVICE_HELP = "auto: CUDA when available, else the CPU; or cpu, cuda, cuda:1, ..."
 
 
@@ -265,7 +270,7 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--data", choices=sorted(DATASETS), help="data set")
     option("--data-root", dest="data_root", help="folder of a file-based data set")
     option("--arch", choices=ARCHS, help="residual branch (coupling: the uncertified affine-coupling reference)")
-    option("--attention", choices=ATTENTION_FLAG_CHOICES, help="attention layer in each branch")
+    option("--attention", choices=ATTENTION_FLAG_CHOICES, help=ATTENTION_HELP)
     option("--attention-form", dest="attention_form", choices=list(ATTENTION_FORMS),
            help="how attention joins the flow: residual (eq. 13, normalised), quadrature ([eta1 X; eta2 A] into "
                 "the next convolution) or gated (attention blocks of their own)")
@@ -273,7 +278,7 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
            help="stages with attention, 0 = the first (full resolution unless squeezed); default: all")
     option("--gamma-init", dest="gamma_init", type=float,
            help="attention: initial weight of the attention path (default: the form's: "
-                + ", ".join(f"{k} {v:g}" for k, v in ATTENTION_FORMS.items()) + ")")
+                + ", ".join(f"{k} {v:g}" for k, v in ATTENTION_FORMS.items()) + "; residual: |gamma_init| <= 1e6)")
     option("--delta-max", dest="delta_max", type=float, help="l2-tight: logit range Delta")
     option("--ball-radius", dest="ball_radius", type=float,
            help="l2-tight: token ball radius, in units of sqrt(channels per head)")
@@ -299,7 +304,7 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--eval-size", dest="eval_size", type=int, help="test images per evaluation")
     option("--n-exact", dest="n_exact", type=int, help="roulette: exact log-det terms in training")
     option("--n-exact-eval", dest="n_exact_eval", type=int, help="... and in evaluation")
-    option("--lam", type=float, help="roulette: Poisson rate")
+    option("--lam", type=float, help="roulette: Poisson rate (0 < lam <= 1000, the cap on the terms of a draw)")
     option("--grad", choices=GRADS, help="log-det gradient")
     tr.add_argument("--workers", type=int, default=0,
                     help="data-loading worker processes (0: in the training process; the batches are the same)")
@@ -328,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "build a small ACF, print its log-likelihood, invert it", cmd_demo)
     demo.add_argument("--arch", choices=ARCHS, default="resflow", help="residual branch")
-    demo.add_argument("--attention", choices=ATTENTION_FLAG_CHOICES, default="l2", help="attention layer")
+    demo.add_argument("--attention", choices=ATTENTION_FLAG_CHOICES, default="l2", help=ATTENTION_HELP)
     demo.add_argument("--heads", type=int, default=4, help="attention heads")
     demo.add_argument("--size", type=int, default=16, help="image side (divisible by 4)")
     demo.add_argument("--blocks", type=int, default=2, help="residual blocks per scale")
@@ -389,7 +394,11 @@ EXPECTED_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("acf: interrupted", file=sys.stderr)
+        return 130
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -31,7 +31,9 @@ def load_run(run: Union[str, Path], device: Union[str, torch.device] = "auto") -
     ``device`` (``"auto"``: CUDA when available, else the CPU), whatever device it was trained on; its
     validated training settings are ``model.train_config`` (a ``TrainConfig``), its test set
     ``run_test_set(model.train_config)``. The checkpoint is loaded safely (tensors and plain data
-    only). For example::
+    only), and its weights must be finite. Refused with one error naming the file and the field: a
+    CUDA ``device`` on a machine without CUDA, a config.json whose "model" section was edited (the
+    "train" section defines the model), a damaged checkpoint or one that does not fit. For example::
 
         model = acf.load_run("runs/20260101-120000-resflow-l2-mnist5k")
         x, log_prob = model.sample(16, temperature=0.7, return_log_prob=True)
@@ -39,7 +41,9 @@ def load_run(run: Union[str, Path], device: Union[str, torch.device] = "auto") -
     run, device = Path(run), resolve_device(device)
     _require_run(run)
     cfg = read_run_config(run)
-    model = build_for(cfg).to(device)
+    model = build_for(cfg)
+    runfolder.check_model_section(run / CONFIG, model.cfg.to_dict())
+    model = model.to(device)
     ckpt = runfolder.load_checkpoint(run / CHECKPOINT, device)
     try:
         model.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
@@ -59,8 +63,9 @@ def run_test_set(cfg: TrainConfig) -> ImageDataset:
 def open_run(run: Path, device: str, holder: str) -> Iterator[tuple[ACFModel, ImageDataset]]:
     """``load_run`` (the model and its test set) for a command that writes into the run folder: it holds
     the folder's lock (so that no training or other command writes meanwhile) and has checked the folder
-    is writable before the caller computes anything."""
+    is writable before the caller computes anything. ``device`` is the command's ``--device``."""
     run = Path(run)
+    resolve_device(device, "--device")  # named as the option the user gave
     _require_run(run)
     with runfolder.lock(run, holder):
         model = load_run(run, device)

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_coefficient, check_image, check_int, check_real
+from ._checks import (check_choice, check_coefficient, check_gamma_init, check_image, check_int, check_real,
+                      check_same_dtype)
 from .layers.block import ContractiveBlock
 from .layers.coupling import AffineCoupling
 from .layers.attention import LAYER_FORMS
@@ -96,9 +97,10 @@ class ModelConfig:
                     raise ValueError(f"attention_scales entry {i} is not a stage: the model has n_scales={self.n_scales} "
                                      f"(stages 0..{self.n_scales - 1})")
             object.__setattr__(self, "attention_scales", tuple(sorted(set(scales))))
-        if self.gamma_init is not None:
-            low, high = {"residual": (None, None), "quadrature": (0.0, 1.0), "gated": (0.0, 1.0)}[self.attention_form]
-            check_real(self.gamma_init, f"gamma_init (form {self.attention_form!r})", low, high,
+        if self.gamma_init is not None and self.attention_form == "residual":
+            check_gamma_init(self.gamma_init)
+        elif self.gamma_init is not None:  # eta2 of the quadrature form in [0, 1), the gate in (0, 1)
+            check_real(self.gamma_init, f"gamma_init (form {self.attention_form!r})", 0.0, 1.0,
                        low_open=self.attention_form == "gated", high_open=True)
         check_int(self.fc_blocks, "fc_blocks", minimum=0)
         if self.n_classes is not None:
@@ -269,6 +271,7 @@ class ACFModel(nn.Module):
         reach the residual blocks."""
         if z.dim() != 2 or z.shape[1] != self.dims:
             raise ValueError(f"z must have shape (batch, {self.dims}), got {tuple(z.shape)}")
+        check_same_dtype(z, next(self.parameters()), "z")  # the forward's message, for the inverse
         left = [s for s in self.factored if s is not None]
         *parts, last = z.split([math.prod(s) for s in left] + [math.prod(self.final_shape)], dim=1)
         b = z.shape[0]

@@ -28,17 +28,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed, runfolder
-from ._checks import check_choice, check_int, check_optional_str, check_real, resolve_device
-from .layers.block import CertificateError, certified_bounds
+from ._checks import (NonFiniteError, check_choice, check_int, check_optional_str, check_real, first_non_finite,
+                      parse_device, resolve_device)
+from .layers.block import CertificateError, certified_bounds, uncertified_warning
 from .data import DATASETS, endless_batches, load_dataset, make_loader, to_float
 from .layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
-from .layers.logdet import GRADS, LogdetEstimator
+from .layers.logdet import DEFAULT_MAX_TERMS, GRADS, LogdetEstimator
 from .models import ARCHS, ATTENTION_CHOICES, PRESETS, ACFModel, ModelConfig, model_config
 
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")
 CONFIG, CHECKPOINT = "config.json", "checkpoint.pt"
 LR_SCHEDULES = ("constant", "cosine")
-CONFIG_SECTIONS = ("train", "model", "world_size")  # of config.json; "train" is read back, the rest is a record
+CONFIG_SECTIONS = ("train", "model", "world_size", "warning")  # of config.json; "train" is read back, the rest a record
 SAMPLE_TEMPERATURES = (0.5, 0.7, 0.85, 1.0)  # samples.png (`acf train`, `acf sample`): a row block per temperature
 
 
@@ -99,7 +100,7 @@ class TrainConfig:
             check_int(getattr(self, name), name, minimum=0)
         check_real(self.lr, "lr", low=0.0, low_open=True)
         check_real(self.ema_decay, "ema_decay", low=0.0, high=1.0, high_open=True)
-        check_real(self.lam, "lam", low=0.0, low_open=True)
+        check_real(self.lam, "lam", low=0.0, high=DEFAULT_MAX_TERMS, low_open=True)  # mean draw <= the roulette's cap
         check_real(self.logit_alpha, "logit_alpha", low=0.0, high=0.5, high_open=True)
         if isinstance(self.attention_scales, list):  # from JSON
             object.__setattr__(self, "attention_scales", tuple(self.attention_scales))
@@ -114,7 +115,7 @@ class TrainConfig:
         model_config_of(self)  # every model setting checked now, each error naming its field
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string, got {self.device!r}")
-        resolve_device(self.device)  # "auto" is resolved where the run starts
+        parse_device(self.device)  # "auto", and whether this machine has the device, are resolved where the run starts
         if self.task == "hybrid" and DATASETS[self.data].n_classes == 0:
             raise ValueError(f"data set {self.data!r} has no labels: it cannot train a hybrid model")
 
@@ -289,19 +290,36 @@ class Trainer:
                 self.model(uniform_dequantize(x))
             distributed.broadcast_state(self.model)
             self.ema = copy.deepcopy(self.model).eval()
-        loss, bpd, _ = self.objective(self.model, x, y)
+        try:
+            loss, bpd, _ = self.objective(self.model, x, y)
+        except NonFiniteError as exc:  # activations blew up: the weights, not the (8-bit) data
+            raise self.diverged(f"the model produced non-finite values ({exc})") from None
         if not distributed.all_ranks(bool(torch.isfinite(loss))):
-            raise NonFiniteLossError(f"non-finite loss ({float(loss.detach())}) at step {self.step + 1}; the last good "
-                                     f"checkpoint in {self.run_dir} is unchanged")
+            raise self.diverged(f"non-finite loss ({float(loss.detach())})")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(self.model)
         self.opt.step()
+        bad = first_non_finite(self.model.named_parameters())
+        if bad is not None:
+            raise self.diverged(f"parameter {bad[0]!r} is not finite after the optimizer step ({bad[1]})")
         self.sched.step()
         distributed.broadcast_state(self.model)  # keeps the spectral-norm u/v identical across ranks
         self._update_ema()
         self.step += 1
         return float(bpd.detach().mean())
+
+    def diverged(self, what: str, after: bool = False) -> NonFiniteLossError:
+        """The error of a training that went non-finite (``what``) at step ``self.step + 1`` (or, with
+        ``after``, by step ``self.step``), with its likely cause."""
+        if self.step == 0:
+            cause = "before any optimizer step, so the data or the initialisation (e.g. gamma_init) is the likely cause"
+        else:
+            cause = f"the learning rate (lr={self.cfg.lr:g}) is the likely cause: lower it (--lr)" + (
+                "; so is the uncertified --attention dot" if self.cfg.attention == "dot" else "")
+        where = f"by step {self.step}" if after else f"at step {self.step + 1}"
+        return NonFiniteLossError(f"training diverged {where}: {what}; {cause}. The last good checkpoint in "
+                                  f"{self.run_dir} (if any) is unchanged")
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -361,6 +379,7 @@ class Trainer:
         distributed.barrier()
 
     def load(self, path: Path) -> None:
+        runfolder.check_model_section(path.parent / CONFIG, self.model.cfg.to_dict())  # "train" defines the model
         ckpt = runfolder.load_checkpoint(path, self.device)
         diff = config_diff(ckpt["config"] if isinstance(ckpt["config"], dict) else {}, self.cfg)
         if diff:
@@ -393,7 +412,11 @@ class Trainer:
                 bar.set_postfix(bpd=f"{sum(recent[-20:]) / len(recent[-20:]):.3f}")
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                     if main:  # rank 0 evaluates and writes; the others wait in save()
-                        test_bpd, acc = self.evaluate(self.cfg.eval_size)
+                        try:
+                            test_bpd, acc = self.evaluate(self.cfg.eval_size)
+                        except NonFiniteError as exc:
+                            raise self.diverged(f"the evaluated (EMA) model produced non-finite values ({exc})",
+                                                after=True) from None
                         bounds = self.certified_lipschitz()
                         self.history.append({"step": self.step, "train_bpd": sum(recent) / len(recent),
                                              "test_bpd": test_bpd, "test_acc": acc, "seconds": round(self.seconds, 2),
@@ -449,8 +472,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
         if resume:
             trainer.load(run_dir / CHECKPOINT)
         if main:
+            warning = {"warning": uncertified_warning(cfg.attention)} if uncertified_warning(cfg.attention) else {}
             runfolder.write_text(run_dir / CONFIG, json.dumps(
-                {"train": asdict(cfg), "model": trainer.model.cfg.to_dict(), "world_size": trainer.world},
+                {"train": asdict(cfg), "model": trainer.model.cfg.to_dict(), "world_size": trainer.world, **warning},
                 indent=1, default=str))
             if resume:  # a run killed between its checkpoint and metrics writes gets its rows back
                 _write_metrics(run_dir, trainer.history)

@@ -133,6 +133,58 @@ def test_bad_input_named():
         layer(torch.randn(1, 4, 3, 3))
     with pytest.raises(ValueError, match="4 dimensions"):
         layer(torch.randn(8, 9))
+    for kind in ("l2", "l2-tight", "lipnorm", "dot"):
+        with pytest.raises(ValueError, match="channels must be >= 1, got 0"):
+            make_attention(kind, 0, heads=1)
+    with pytest.raises(ValueError, match=r"gamma_init must be in \[-1000000.0, 1000000.0\], got 1e\+308"):
+        make_attention("l2", 4, heads=1, gamma_init=1e308)  # it overflowed float32 (a RuntimeError) before
+    with pytest.raises(ValueError, match="gamma_init must be finite"):
+        make_attention("l2", 4, heads=1, gamma_init=float("nan"))
+
+
+# Weights whose zero makes F identically 0 (a zero Q of "l2-tight" does not: its logits are then all 0,
+# and F is the mean of the values).
+ZEROABLE = [("l2", "w_q"), ("l2", "w_v"), ("l2", "w_o"), ("l2-tight", "w_m"), ("l2-tight-multihead", "w_v"),
+            ("l2-tight-multihead", "w_o"), ("lipnorm", "w_qkv"), ("lipnorm", "w_o")]
+
+
+@pytest.mark.parametrize("kind,weight", ZEROABLE)
+def test_a_zero_weight_gives_the_identity_part_not_nan(kind, weight):
+    """A zero weight makes F identically 0 and its bound L = 0: the layer outputs exactly its identity
+    part X / (1 + |gamma|) (F / L was 0 / 0 = NaN), its gradients are finite, and its bound is honest."""
+    options = {"layout": "multihead"} if kind == "l2-tight-multihead" else {}
+    layer = make_attention(kind.replace("-multihead", ""), 4, heads=2, gamma_init=1.5, **options).double()
+    with torch.no_grad():
+        getattr(layer, weight).zero_()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    torch.testing.assert_close(out, x / 2.5, rtol=0, atol=1e-15)
+    out.square().sum().backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in layer.parameters() if p.grad is not None)
+    assert layer.lipschitz_bound() == 1.0
+
+
+@pytest.mark.parametrize("kind", ["l2", "l2-tight", "lipnorm"])
+def test_a_non_finite_gamma_is_refused_by_the_forward_and_the_bound(kind):
+    """gamma = NaN made the layer output NaN while its block still reported a certified bound < 1."""
+    from acf.layers.block import CertificateError, ContractiveBlock, certified_bounds
+    from acf.layers.branches import resflow_branch
+
+    block = ContractiveBlock(resflow_branch(4, (3, 3), hidden=8, attention=kind, heads=2))
+    layer = next(m for m in block.modules() if hasattr(m, "gamma"))
+    assert certified_bounds(torch.nn.Sequential(block))["0"] < 1
+    with torch.no_grad():
+        layer.gamma.fill_(float("nan"))
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"{name}.gamma is not finite \(1 NaN, 0 inf\)"):
+        layer(torch.randn(1, layer.channels, 3, 3))
+    with pytest.raises(ValueError, match=rf"{name}.gamma is not finite"):
+        layer.lipschitz_bound()
+    with pytest.raises(CertificateError, match=rf"residual block '0' has no certified Lip\(g\): {name}.gamma is not"):
+        certified_bounds(torch.nn.Sequential(block))
+    with torch.no_grad():
+        layer.gamma.fill_(0.5)  # a finite value again (a new version of the parameter): accepted
+    assert bool(torch.isfinite(layer(torch.randn(1, layer.channels, 3, 3))).all()) and layer.lipschitz_bound() == 1.0
 
 
 @pytest.mark.parametrize("cls", [L2MultiheadAttention, LipNormAttention])

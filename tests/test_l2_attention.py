@@ -105,6 +105,46 @@ def test_reference_bad_input(q, v, err, match):
         l2_attention(q, v)
 
 
+ALL_BACKENDS = ["auto", "reference", "extension", "sdpa", "triton"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("scale,err,match", [
+    (float("nan"), ValueError, "scale must be finite, got nan"),
+    (float("inf"), ValueError, "scale must be finite, got inf"),
+    (0.0, ValueError, r"scale must be in \(0.0, inf\), got 0.0"),
+    (-0.5, ValueError, r"scale must be in \(0.0, inf\), got -0.5"),
+    ("1", TypeError, r"scale must be a number, got '1' \(str\)"),
+])
+def test_bad_scale_is_refused_before_any_backend_runs(backend, scale, err, match):
+    """NaN, infinite or non-positive scales gave NaN or a silently wrong attention (a negative scale
+    attends to the farthest keys); every backend now refuses them alike, naming ``scale``."""
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(err, match=f"l2_attention: {match} \\(the logit scale"):
+        l2_attention(q, q, scale=scale, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 3, 0, 4, 5), (0, 2, 6, 4, 4), (1, 0, 6, 4, 4), (1, 2, 6, 4, 0)])
+def test_empty_inputs_give_the_empty_result(backend, shape):
+    """No tokens (N = 0), or no batch, heads or value channels: the empty ``(B, H, N, e)`` result with
+    zero-size gradients, from every backend (the reference and the extension crashed in a reshape)."""
+    b, h, n, d, e = shape
+    q = torch.randn(b, h, n, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, h, n, e, dtype=torch.float64, requires_grad=True)
+    out = l2_attention(q, v, backend=backend)
+    assert out.shape == (b, h, n, e) and out.dtype == torch.float64
+    out.sum().backward()
+    assert q.grad.shape == q.shape and v.grad.shape == v.shape
+
+
+def test_head_dim_zero_is_refused():
+    q, v = torch.randn(1, 1, 3, 0), torch.randn(1, 1, 3, 2)
+    for backend in ALL_BACKENDS:
+        with pytest.raises(ValueError, match=r"q has head dim d = 0 \(shape \(1, 1, 3, 0\)\); queries need at least"):
+            l2_attention(q, v, backend=backend)
+
+
 def test_unknown_backend():
     q = torch.randn(1, 1, 3, 4)
     with pytest.raises(ValueError, match="l2_attention: backend must be one of .* got .nope."):

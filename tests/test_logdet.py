@@ -66,10 +66,12 @@ def test_truncated_series_with_many_terms_matches_exact(setup):
     assert not _within(biased, exact)[0]
 
 
-@pytest.mark.parametrize("dist,probe", [("poisson", "gaussian"), ("geometric", "rademacher")])
-def test_russian_roulette_is_unbiased(setup, dist, probe):
+@pytest.mark.parametrize("dist,probe,n_exact", [("poisson", "gaussian", 1), ("geometric", "rademacher", 1),
+                                                ("poisson", "gaussian", 0)])
+def test_russian_roulette_is_unbiased(setup, dist, probe, n_exact):
+    """Unbiased, also with no exact term (then a draw of N = 0 terms, 1 in e^2 here, estimates 0)."""
     g, x, exact = setup
-    est = LogdetEstimator(method="roulette", dist=dist, probe=probe, n_exact=1, p=0.5, lam=2.0)
+    est = LogdetEstimator(method="roulette", dist=dist, probe=probe, n_exact=n_exact, p=0.5, lam=2.0)
     draws = _draws(g, x, est, calls=400, batch=8)
     ok, se = _within(draws, exact)
     assert ok, (float(draws.mean()), exact, se)
@@ -89,6 +91,67 @@ def test_evaluation_uses_more_exact_terms():
 def test_survival_functions(m):
     assert survival("poisson", m, lam=2.0) == pytest.approx(scipy.stats.poisson.sf(m - 1, 2.0), rel=1e-12)
     assert survival("geometric", m, p=0.3) == pytest.approx(0.7**m)
+
+
+@pytest.mark.parametrize("lam,m", [(2.0, 25), (2.0, 40), (800.0, 200), (800.0, 900), (1000.0, 2000), (1e-3, 3),
+                                   (0.5, 60)])
+def test_survival_is_accurate_at_any_rate(lam, m):
+    """``P(N >= m)`` against 100-digit arithmetic where ``1 - cdf`` cancels to 0 (lam 2, m >= 25: the old
+    sum gave 1e-300, a weight of 1e300) or ``lam^i / i!`` overflows (lam 800, m >= 200: OverflowError)."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(100):
+        truth = float(mpmath.gammainc(m, 0, lam, regularized=True))  # P(N >= m) = P(Gamma(m) <= lam)
+    assert survival("poisson", m, lam=lam) == pytest.approx(truth, rel=1e-10)
+    assert survival("geometric", m, p=1e-3) == pytest.approx(math.exp(m * math.log1p(-1e-3)), rel=1e-12)
+
+
+def test_roulette_weights_are_finite_for_large_rates():
+    torch.manual_seed(0)
+    weights = term_weights(LogdetEstimator(lam=800.0, n_exact=2))  # lam^i / i! overflowed before
+    assert 700 < len(weights) < 900 and all(math.isfinite(w) for w in weights)
+    # The weights are (-1)^(k+1) / k / P(N >= k - n_exact): near 1 / k for k well below lam.
+    assert weights[:3] == pytest.approx([1.0, -0.5, 1 / 3]) and abs(weights[-1]) > 1 / len(weights)
+
+
+def test_roulette_draws_are_capped_at_max_terms():
+    """A draw adds at most ``max_terms`` terms (geometric(0.2) exceeds 5 with probability 0.8^6 = 0.26):
+    the cap binds, and only there."""
+    est = LogdetEstimator(dist="geometric", p=0.2, n_exact=2, max_terms=5)
+    torch.manual_seed(0)
+    lengths = [len(term_weights(est)) for _ in range(300)]
+    assert max(lengths) == 2 + 5 and lengths.count(7) > 50 and min(lengths) == 2
+    uncapped = LogdetEstimator(dist="geometric", p=0.2, n_exact=2, max_terms=1000)
+    torch.manual_seed(0)
+    assert max(len(term_weights(uncapped)) for _ in range(300)) > 7
+
+
+def test_capped_roulette_is_unbiased_for_the_series_up_to_the_cap(setup):
+    """The documented bias of the cap: with ``K = n_exact + max_terms`` the estimator's mean is the
+    series truncated after K terms (here K = 1: the trace of the exact Jacobian), not the log-det."""
+    g, x, exact = setup
+    xg = x.clone().requires_grad_(True)
+    flat = g(xg).reshape(-1)
+    jac = torch.stack([torch.autograd.grad(flat[i], xg, retain_graph=True)[0].reshape(-1) for i in range(32)])
+    series1 = float(torch.trace(jac))
+    est = LogdetEstimator(method="roulette", dist="geometric", p=0.5, n_exact=0, max_terms=1)
+    draws = _draws(g, x, est, calls=400, batch=8)
+    assert _within(draws, series1)[0] and not _within(draws, exact)[0], (float(draws.mean()), series1, exact)
+
+
+@pytest.mark.parametrize("grad", ["neumann", "backprop", "memory_efficient"])
+def test_a_draw_of_no_terms_estimates_zero(setup, grad):
+    """``n_exact=0`` and a draw of N = 0 (lam = 1e-9: always): log-det 0, no IndexError, and the block
+    output and its gradient are still there."""
+    g, x, _ = setup
+    est = LogdetEstimator(method="roulette", n_exact=0, n_exact_eval=0, lam=1e-9, grad=grad)
+    xs = x.expand(2, *SHAPE).clone().requires_grad_(True)
+    gx, ld = logdet_estimate(g, xs, est)
+    assert torch.equal(ld, torch.zeros(2, dtype=torch.float64))
+    (gx.sum() + ld.sum()).backward()
+    assert xs.grad is not None and bool(torch.isfinite(xs.grad).all())
+    with torch.no_grad():
+        _, ld_eval = logdet_estimate(g, x, est, training=False)
+    assert torch.equal(ld_eval, torch.zeros(1, dtype=torch.float64))
 
 
 def _grad_draws(g, x, est, calls, batch):
@@ -178,6 +241,12 @@ def test_no_graph_in_evaluation(setup):
     ({"n_exact": 2.5}, "n_exact must be an integer, got 2.5"),
     ({"n_exact_eval": True}, "n_exact_eval must be an integer, got True"),
     ({"max_exact_dim": "big"}, "max_exact_dim must be an integer"),
+    ({"max_terms": 0}, "max_terms must be >= 1"),
+    ({"max_terms": 10**6}, r"max_terms must be in \[1, 100000\]"),
+    ({"lam": 5000.0}, r"lam=5000 draws 5000 terms on average, more than max_terms=1000 .* lam must be in \(0, 1000\]"),
+    ({"lam": 50.0, "max_terms": 10}, r"lam=50 draws .* lam must be in \(0, 10\] \(or raise max_terms\)"),
+    ({"dist": "geometric", "p": 1e-9}, r"p=1e-09 draws \(1 - p\) / p = 1e\+09 terms on average, more than "
+                                       r"max_terms=1000 .* p must be in \[0.000999, 1\)"),
 ])
 def test_bad_config(kwargs, match):
     """Every setting is checked at construction (not later, as an IndexError or TypeError in use)."""

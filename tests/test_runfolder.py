@@ -1,10 +1,12 @@
 """Run folders that cannot be abused: safe checkpoint loading, one writer per folder, validated
 configurations, one-line CLI errors (I/O, permissions, a full disk, Ctrl-C)."""
 import errno
+import io
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import acf
 from acf import experiments as ex
 from acf import runfolder
 from acf.cli import main
@@ -94,13 +97,70 @@ def test_damaged_checkpoint_is_named(run, capsys):
     ckpt = run / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a copy cut short
     assert main(["sample", str(run), "--n", "4"]) == 2
-    one_line_error(capsys, f"{ckpt}: not a readable checkpoint")
+    one_line_error(capsys, f"{ckpt}: not a readable checkpoint: corrupt or truncated (")
     ckpt.write_bytes(b"not a checkpoint")
     assert main(["sample", str(run), "--n", "4"]) == 2
     one_line_error(capsys, f"{ckpt}: refused: not a checkpoint of tensors and plain data")
     torch.save({"model": {}}, run / "checkpoint.pt")
     assert main(["sample", str(run), "--n", "4"]) == 2
     one_line_error(capsys, "not a checkpoint of acf train (missing config")
+
+
+def edit_checkpoint(run: Path, change) -> None:
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, run / "checkpoint.pt")
+
+
+def first_weight(state: dict, suffix: str) -> str:
+    return next(k for k in state if k.endswith(suffix))
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda c: c.update(step="ten"), ["field 'step' must be an integer >= 0, got 'ten' (str)"]),
+    (lambda c: c.update(step=-1), ["field 'step' must be an integer >= 0, got -1 (int)"]),
+    (lambda c: c.update(rng="garbage"), ["field 'rng' must be a list of random generator states (1-D uint8 "
+                                         "tensors), one per process, got 'garbage' (str)"]),
+    (lambda c: c.update(seconds=float("nan")), ["field 'seconds' must be a finite number >= 0, got nan"]),
+    (lambda c: c.update(history="x"), ["field 'history' must be a list of dicts"]),
+    (lambda c: c.update(ema=[1, 2]), ["field 'ema' must be a state dict (parameter name -> tensor) or None"]),
+    (lambda c: c.update(opt=None), ["field 'opt' must be a dict (the optimizer's state), got None"]),
+    (lambda c: c.update(world_size=0), ["field 'world_size' must be an integer >= 1, got 0"]),
+])
+def test_checkpoint_fields_of_the_wrong_type_are_named(run, capsys, change, words):
+    """Before: TypeErrors from deep inside (''>' not supported between 'str' and 'int'', 'expected a
+    torch.ByteTensor'), a traceback for a history that is not a list. Now one line naming the file and the
+    field, for resume and for the commands that only read the run."""
+    edit_checkpoint(run, change)
+    before = (run / "checkpoint.pt").read_bytes()
+    for command in (["train", "--steps", "4", "--resume"], ["evaluate", "--n", "4"]):
+        assert main([*command, str(run)]) == 2
+        one_line_error(capsys, f"{run / 'checkpoint.pt'}: ", *words, "the checkpoint is corrupt or was not written "
+                       "by acf train")
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("section,suffix,value,counts", [("ema", "weight", float("nan"), "(1152 NaN, 0 inf)"),
+                                                          ("ema", "gamma", float("nan"), "(1 NaN, 0 inf)"),
+                                                          ("model", "bias", float("inf"), "NaN, ")])
+def test_non_finite_weights_in_a_checkpoint_are_named(run, capsys, section, suffix, value, counts):
+    """A NaN weight failed with 'linalg.eigh: failed to converge' (or sampled NaN images); a NaN gamma
+    evaluated to 'x contains non-finite values'. Now: the file, the section and the parameter."""
+    name = {}
+
+    def change(ckpt):
+        name["k"] = first_weight(ckpt[section], suffix)
+        ckpt[section][name["k"]].view(-1)[0] = value
+        if suffix == "weight":
+            ckpt[section][name["k"]].fill_(value)
+
+    edit_checkpoint(run, change)
+    command = ["train", "--steps", "4", "--resume"] if section == "model" else ["sample", "--n", "2"]
+    assert main([*command, str(run)]) == 2
+    one_line_error(capsys, f"{run / 'checkpoint.pt'}: {section} weight {name['k']!r} is not finite", counts,
+                   "nothing was loaded")
+    with pytest.raises(RunFolderError, match=f"{section} weight '{name['k']}' is not finite"):
+        acf.load_run(run, device="cpu")
 
 
 # ---- validated configuration -----------------------------------------------------------------------
@@ -123,6 +183,58 @@ def test_config_errors_name_the_file_and_the_field(run, capsys, change, words):
     edit_config(run, change)
     assert main(["evaluate", str(run), "--n", "4"]) == 2
     one_line_error(capsys, str(run / "config.json"), *words)
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda m: m.update(hidden=64), ["hidden: 64 (built: 32)"]),
+    (lambda m: (m.update(coeff=0.5), m["estimator"].update(lam=3.0)), ["coeff: 0.5 (built: 0.97)",
+                                                                        "estimator.lam: 3.0 (built: 2.0)"]),
+    (lambda m: m.update(colour="red"), ["colour: 'red' (no such model field)"]),
+    (lambda m: m.update(squeeze_first=1), ["squeeze_first: 1 (built: True)"]),
+])
+@pytest.mark.parametrize("command", [["evaluate", "--n", "4"], ["sample", "--n", "2"],
+                                     ["train", "--steps", "4", "--resume"], "load_run"])
+def test_edited_model_section_is_refused(run, capsys, change, words, command):
+    """A hand edit of config.json's "model" section (a record of the model) was silently ignored: the
+    model is built from the "train" section. Now it is refused, naming the fields, for every reader."""
+    edit_config(run, lambda d: change(d["model"]))
+    expected = [f"{run / 'config.json'}: the \"model\" section disagrees with the model its \"train\" section "
+                "builds", *words, "the \"train\" section defines the model"]
+    if command == "load_run":
+        with pytest.raises(ValueError) as info:
+            acf.load_run(run, device="cpu")
+        assert all(w in str(info.value) for w in expected), str(info.value)
+        return
+    before = (run / "checkpoint.pt").read_bytes()
+    assert main([*command, str(run)]) == 2
+    one_line_error(capsys, *expected)
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_model_section_without_a_later_setting_is_accepted(run):
+    """A record written before a model setting existed lacks it: that is not an edit."""
+    edit_config(run, lambda d: (d["model"].pop("gamma_init"), d["model"]["estimator"].pop("max_terms")))
+    assert isinstance(acf.load_run(run, device="cpu"), acf.ACFModel)
+
+
+@pytest.mark.parametrize("what", ["/dev/zero", "folder", "big"])
+def test_config_file_reads_are_bounded(tmp_path, capsys, what):
+    """``--config /dev/zero`` read forever (memory grows until the machine swaps); a huge file was read
+    whole. A settings file must be a regular file of at most 1 MB."""
+    if what == "/dev/zero":
+        path, words = Path("/dev/zero"), "not a regular file"
+    elif what == "folder":
+        path, words = tmp_path, "not a regular file"
+    else:
+        path, words = tmp_path / "big.json", "larger than 1,000,000 bytes"
+        path.write_text('{"lr": 0.002' + " " * 1_000_000 + "}")  # valid JSON, just too big
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(path), "--out", str(out)]) == 2
+    one_line_error(capsys, f"acf train: error: {path}: {words}")
+    assert not out.exists()
+    small = tmp_path / "small.json"
+    small.write_text('{"lr": 0.002' + " " * 900_000 + "}")
+    assert runfolder.read_json(small) == {"lr": 0.002}
 
 
 def test_invalid_json_names_the_file(run, capsys):
@@ -152,6 +264,8 @@ def test_resume_states_what_it_takes_from_the_command_line(run, capsys):
     ("--batch-size", "100000", "batch_size=100000 exceeds"),
     ("--epochs", "0", "--epochs must be >= 1"),
     ("--device", "gpu", "device 'gpu' is not a torch device"),
+    ("--gamma-init", "1e308", "gamma_init must be in [-1000000.0, 1000000.0], got 1e+308"),
+    ("--lam", "5000", "lam must be in (0.0, 1000], got 5000.0"),
 ])
 def test_bad_settings_fail_before_a_folder_is_made(tmp_path, capsys, flag, value, words):
     out = tmp_path / "run"
@@ -296,6 +410,81 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(run, capsys, monkey
     monkeypatch.setattr(os, "fsync", fsync)
     assert main(["evaluate", str(run), "--n", "4"]) == 2
     one_line_error(capsys, f"No space left on device: {run / 'evaluation.json'}")
+
+
+class FullDisk(io.RawIOBase):
+    """An unbuffered file on a disk that fills up after ``room`` bytes (``OSError(ENOSPC)``), as torch's
+    checkpoint writer meets it: it reports a ``RuntimeError`` from ``inline_container``."""
+
+    def __init__(self, fd: int, room: int) -> None:
+        self.fd, self.room = fd, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return os.write(self.fd, data)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+def test_full_disk_inside_torch_save_is_named_and_keeps_the_checkpoint(run, capsys, monkeypatch):
+    """The real torch.save on a disk that fills up mid-checkpoint: its RuntimeError ('[enforce fail at
+    inline_container.cc] unexpected pos') is translated into the OSError behind it, naming the file."""
+    before = (run / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: FullDisk(fd, room=100_000))
+    with pytest.raises(RuntimeError, match="inline_container"):  # what torch.save itself raises
+        with FullDisk(os.open(os.devnull, os.O_WRONLY), room=100) as fh:
+            torch.save({"w": torch.zeros(1000)}, fh)
+    assert main(["train", "--resume", str(run), "--steps", "4"]) == 2
+    one_line_error(capsys, f"acf train: error: No space left on device: {run / 'checkpoint.pt'}")
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert not [p for p in os.listdir(run) if p.endswith(runfolder.TEMP_SUFFIX)]
+
+
+def test_a_failed_checkpoint_write_without_an_os_error_names_the_file(tmp_path, monkeypatch):
+    def save(obj, fh):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"previous")
+    with pytest.raises(RunFolderError, match=f"cannot write {tmp_path / 'checkpoint.pt'}: \\[enforce fail"):
+        runfolder.atomic_write(tmp_path / "checkpoint.pt", lambda fh: save({}, fh))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"previous" and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test, restored afterwards."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_every_file_of_a_run_respects_the_umask(run, umask, mask):
+    """mkstemp made every file 0600 whatever the umask (a group could not read a shared run). Now every
+    file a run writes (config, checkpoint, metrics, figures, evaluation, the lock) has 0666 less the umask."""
+    umask(mask)
+    assert runfolder.current_umask() == mask
+    assert main(["train", "--resume", str(run), "--steps", "4"]) == 0
+    assert main(["evaluate", str(run), "--n", "4"]) == 0
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run.iterdir() if p.name != runfolder.LOCK_NAME}
+    assert {"config.json", "checkpoint.pt", "metrics.csv", "samples.png", "evaluation.json"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o666 & ~mask), modes
+    fresh = run.parent / "fresh"
+    fresh.mkdir()
+    with runfolder.lock(fresh, "acf test"):
+        pass
+    assert stat.S_IMODE((fresh / runfolder.LOCK_NAME).stat().st_mode) == 0o666 & ~mask
 
 
 def test_interrupt_is_one_line_with_exit_code_130(run, capsys, monkeypatch):

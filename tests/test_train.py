@@ -108,6 +108,41 @@ def test_non_finite_loss_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert (run / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("every,where", [(3, "at step 2: the model produced non-finite values"),
+                                         (1, "by step 1: the evaluated (EMA) model produced non-finite values")])
+def test_diverging_training_is_blamed_on_the_learning_rate(tmp_path, capsys, every, where):
+    """``--lr 1e6``: the first Adam step throws ActNorm's log-scales to +-1e6, the next forward (training,
+    or the evaluation of the EMA weights) overflows. The error blamed the input ('x contains non-finite
+    values'); now it names the step and the likely cause."""
+    from helpers import one_line_error
+
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--heads", "2", "--batch-size", "16", "--eval-size", "16",
+            "--n-exact-eval", "2", "--warmup", "1", "--steps", "6", "--eval-every", str(every), "--out", str(out)]
+    assert main([*args, "--lr", "1e6"]) == 2
+    one_line_error(capsys, f"acf train: error: training diverged {where}", "the learning rate (lr=1e+06) is the "
+                   f"likely cause: lower it (--lr). The last good checkpoint in {out} (if any) is unchanged")
+    assert not (out / "checkpoint.pt").exists()  # no step was good enough to be checkpointed
+
+
+def test_non_finite_parameters_after_a_step_are_named(tmp_path, monkeypatch):
+    cfg = TrainConfig(**TINY)
+    trainer = Trainer(cfg, tmp_path)
+    trainer.train_step()
+    step = trainer.opt.step
+
+    def poisoned_step(*args, **kwargs):
+        step(*args, **kwargs)
+        with torch.no_grad():
+            dict(trainer.model.named_parameters())["fc.layers.1.g.1.bias"][0] = float("nan")
+
+    monkeypatch.setattr(trainer.opt, "step", poisoned_step)
+    with pytest.raises(NonFiniteLossError, match=r"training diverged at step 2: parameter 'fc.layers.1.g.1.bias' is "
+                                                  r"not finite after the optimizer step \(1 NaN, 0 inf\); the learning "
+                                                  r"rate \(lr=0.005\) is the likely cause"):
+        trainer.train_step()
+
+
 def test_resume_refuses_another_configuration(tmp_path):
     train(TrainConfig(**{**TINY, "steps": 2}), tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="another configuration.*'lr'"):

@@ -30,7 +30,7 @@ import torch
 from scipy.special import lambertw
 from torch import nn
 
-from .._checks import check_choice, check_image, check_int, check_real
+from .._checks import check_choice, check_finite_parameter, check_gamma_init, check_image, check_int, check_real
 from ..ops.l2_attention import l2_attention
 
 LIPNORM_SCORE_BOUND = math.exp(math.sqrt(3.0)) + 2.0 * math.sqrt(6.0)  # eq. 15 with m = n
@@ -102,6 +102,15 @@ LAYER_FORMS = {"residual": 0.0, "quadrature": 0.2, "normalized": None}
 POSITION_INIT = 0.1  # standard deviation of the positional embedding's entries at initialisation
 
 
+def _over_bound(out_scale: torch.Tensor | float, bound: torch.Tensor) -> torch.Tensor:
+    """``out_scale / L`` for a certified bound ``L > 0``, and 0 (gradients 0) for ``L = 0``: a zero weight
+    makes ``F`` identically 0 and ``L = 0``, and ``F / L`` must then be 0, not ``0 / 0 = NaN``, so that the
+    layer outputs exactly its identity part ``X / (1 + |gamma|)``."""
+    positive = bound > 0
+    return torch.where(positive, out_scale / torch.where(positive, bound, torch.ones_like(bound)),
+                       torch.zeros_like(bound))
+
+
 class _ContractiveAttention(nn.Module):
     """NCHW <-> (B, D, N) plumbing, and the form that joins ``A~ = F / L`` to its input (``LAYER_FORMS``).
 
@@ -116,6 +125,8 @@ class _ContractiveAttention(nn.Module):
     def __init__(self, channels: int, heads: int, form: str = "residual", weight: float | None = None,
                  tokens: int = 0) -> None:
         super().__init__()
+        check_int(channels, "channels", minimum=1)
+        check_int(heads, "heads", minimum=1)
         if heads < 1 or channels % heads != 0:
             raise ValueError(f"heads={heads} must divide channels={channels} (head dim = channels / heads)")
         check_choice(form, "attention form", tuple(LAYER_FORMS))
@@ -126,7 +137,7 @@ class _ContractiveAttention(nn.Module):
         self.positions = nn.Parameter(POSITION_INIT * torch.randn(channels, tokens)) if tokens else None
         w0 = LAYER_FORMS[form] if weight is None else weight
         if form == "residual":
-            self.gamma = nn.Parameter(torch.tensor(float(check_real(w0, "gamma_init"))))
+            self.gamma = nn.Parameter(torch.tensor(check_gamma_init(w0)))
         elif form == "quadrature":  # eta2 = sin(theta) in [0, 1)
             self.theta = nn.Parameter(torch.tensor(math.asin(check_real(w0, "gamma_init (the quadrature form's "
                                                                           "eta2)", 0.0, 1.0, high_open=True))))
@@ -137,6 +148,12 @@ class _ContractiveAttention(nn.Module):
     def out_channels(self) -> int:
         """Channels of the layer's output: the input's, doubled by the quadrature form."""
         return 2 * self.channels if self.form == "quadrature" else self.channels
+
+    def _check_weight(self) -> None:
+        """A non-finite learnt weight (gamma, or theta of the quadrature form) would make the output NaN
+        and has no certificate: ``NonFiniteError`` naming it."""
+        if self.form != "normalized":
+            check_finite_parameter(self, "gamma" if self.form == "residual" else "theta")
 
     def attention_weight(self) -> torch.Tensor:
         """The learnt weight of the attention path: gamma (residual), eta2 (quadrature), 1 (normalized)."""
@@ -171,6 +188,7 @@ class _ContractiveAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.channels)
+        self._check_weight()
         xt = x.flatten(2)  # (B, D, N) = X^T: channel-major, a view of the image
         b, _, h, w = x.shape
         a, p = self.pull if self.pull is not None else (0.0, 0.0)
@@ -184,7 +202,9 @@ class _ContractiveAttention(nn.Module):
         return out.reshape(b, -1, h, w)
 
     def lipschitz_bound(self) -> float:
-        """Certified ``Lip_2`` of the layer: 1 for every form (docs/design.md, section 3)."""
+        """Certified ``Lip_2`` of the layer: 1 for every form (docs/design.md, section 3); a non-finite
+        learnt weight has no certificate (``NonFiniteError`` naming it)."""
+        self._check_weight()
         return 1.0 if self.certified else math.inf
 
 
@@ -215,7 +235,7 @@ class L2MultiheadAttention(_ContractiveAttention):
         mt = m.transpose(1, 2).expand(b, h, d, d).reshape(b * h, d, d)
         vt = torch.bmm(mt, qt.reshape(b * h, d, n)).reshape(b, h, d, n)  # (Q_h M_h)^T
         o = l2_attention(self._split_heads(qt), vt.transpose(-1, -2), scale=1.0 / math.sqrt(d), backend=self.backend)
-        return channel_mix(self.w_o * (out_scale / self.bound(n)), self._merge_heads(o))
+        return channel_mix(self.w_o * _over_bound(out_scale, self.bound(n)), self._merge_heads(o))
 
 
 class LipNormAttention(_ContractiveAttention):
@@ -242,7 +262,7 @@ class LipNormAttention(_ContractiveAttention):
         vw = v.norm(dim=-1).amax(dim=-1)               # max_j ||v_j||_2  (B, H)
         denom = torch.maximum(torch.maximum(u * kv, u * vw), kv * vw).clamp_min(self.eps)
         p = torch.softmax((q / denom[..., None, None]) @ k.transpose(-1, -2), dim=-1)  # scale Q, not N x N
-        return channel_mix(self.w_o * (out_scale / self.bound()), self._merge_heads(p @ v))
+        return channel_mix(self.w_o * _over_bound(out_scale, self.bound()), self._merge_heads(p @ v))
 
 
 class DotProductAttention(_ContractiveAttention):
@@ -397,7 +417,7 @@ class L2TightAttention(_ContractiveAttention):
     def attend(self, xt: torch.Tensor, out_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         b, _, n = xt.shape
         h, d = self.heads, self.head_dim
-        scale = out_scale / self.bound(n)
+        scale = _over_bound(out_scale, self.bound(n))
         if self.layout == "grouped":
             xt = ball_projection(xt.reshape(b, h, d, n), self.radius)     # (B, H, d, N): each head's tokens
             q = self._queries(xt)

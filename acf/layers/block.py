@@ -3,15 +3,27 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from .._checks import check_finite, check_tensor
+from .._checks import check_finite, check_same_dtype, check_tensor
 from .logdet import LogdetEstimator, logdet_estimate
 from ..ops.fixed_point import FixedPointInfo, fixed_point_solve
 from .spectral_norm import refresh_spectral_norms
+
+# What a run with plain dot-product attention (the ablation) prints at its start and records in its
+# config.json: it has no certificate, so nothing guarantees that its blocks invert.
+UNCERTIFIED_WARNING = ("WARNING: --attention dot is an UNCERTIFIED ablation: plain dot-product attention is not "
+                       "Lipschitz, so its residual blocks are NOT guaranteed invertible (the inverse may not "
+                       "converge, log-det estimates may be wrong) and training does not stop when a bound reaches 1 "
+                       "(its bounds are infinite)")
+
+
+def uncertified_warning(attention: Optional[str]) -> Optional[str]:
+    """``UNCERTIFIED_WARNING`` for the uncertified attention kind ``"dot"``, else None."""
+    return UNCERTIFIED_WARNING if attention == "dot" else None
 
 
 def _require_bound(module: nn.Module) -> None:
@@ -35,7 +47,12 @@ def certified_bounds(model: nn.Module) -> dict[str, float]:
     ``CertificateError`` naming the first block whose bound is not below 1 (blocks built with
     ``allow_uncertified`` report theirs, usually infinite, without raising)."""
     blocks = {name or type(model).__name__: m for name, m in model.named_modules() if isinstance(m, ContractiveBlock)}
-    bounds = {name: m.lipschitz_bound() for name, m in blocks.items()}
+    bounds = {}
+    for name, m in blocks.items():
+        try:
+            bounds[name] = m.lipschitz_bound()
+        except ValueError as exc:  # e.g. a non-finite attention gamma: no certificate at all
+            raise CertificateError(f"residual block {name!r} has no certified Lip(g): {exc}") from None
     for name, bound in bounds.items():
         if not bound < 1.0 and not blocks[name].uncertified:  # an ablation built without a certificate
             raise CertificateError(f"residual block {name!r} has certified Lip(g) = {bound:.6f} >= 1: it is no "
@@ -99,10 +116,70 @@ class ContractiveBlock(nn.Module):
     def inverse(self, y: torch.Tensor, tol: Optional[float] = None, max_iter: Optional[int] = None,
                 on_fail: Optional[str] = None, method: Optional[str] = None, return_info: bool = False
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, FixedPointInfo]]:
-        """Solve ``x + g(x) = y`` per sample (eq. 4-5); non-convergence is warned about or raised."""
+        """Solve ``x + g(x) = y`` per sample (eq. 4-5); non-convergence is warned about or raised.
+
+        Differentiable when autograd records (grad mode on, and ``y`` or a tensor ``g`` uses requires
+        grad), by the implicit function theorem: ``dx = (I + J_g(x))^-1 (dy - dg/dtheta dtheta)``. The
+        fixed point ``x*`` is found without a graph and returned as it is, recorded as the Banach step
+        ``y - g(x*)``: its incoming gradient ``G`` becomes the solution ``u`` of ``u + J_g(x*)^T u = G``,
+        and autograd gives ``dL/dy = u`` and ``dL/dtheta = -u^T dg/dtheta``, for the parameters of ``g``
+        and anything else it reads (``torch.func.functional_call`` works). ``u`` comes from the same
+        fixed-point iteration (``u <- G - J_g^T u``, one vector-Jacobian product per step, contractive
+        with rate ``Lip(g)``), with this call's tolerance, cap, method and ``on_fail``. First order only:
+        differentiating the gradient again raises. Recording costs one more evaluation of ``g``; the
+        backward, one graph of ``g`` and one VJP per step."""
+        check_tensor(y, "y")
+        param = next(self.g.parameters(), None)
+        if param is not None and param.is_floating_point():
+            check_same_dtype(y, param, "y")
         refresh_spectral_norms(self.g, stale_only=True)  # then every iteration applies the same g
-        x, info = fixed_point_solve(self.g, y, tol=self.tol if tol is None else tol,
-                                    max_iter=self.max_iter if max_iter is None else max_iter,
-                                    method=self.method if method is None else method, memory=self.memory,
-                                    on_fail=self.on_fail if on_fail is None else on_fail)
+        settings = dict(tol=self.tol if tol is None else tol, max_iter=self.max_iter if max_iter is None else max_iter,
+                        method=self.method if method is None else method, memory=self.memory,
+                        on_fail=self.on_fail if on_fail is None else on_fail)
+        x, info = fixed_point_solve(self.g, y, **settings)
+        if torch.is_grad_enabled():
+            x = _with_implicit_gradient(self.g, y, x, settings)
         return (x, info) if return_info else x
+
+
+def _with_implicit_gradient(g: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, x_star: torch.Tensor,
+                            settings: dict) -> torch.Tensor:
+    """``x*`` (the same values) recorded by autograd as one Banach step ``y - g(x*)``, whose gradient is
+    mapped through ``(I + J_g(x*))^-T`` (see ``ContractiveBlock.inverse``); ``x*`` unrecorded if nothing
+    ``g`` reads requires grad."""
+    step = y - g(x_star)
+    if not step.requires_grad:
+        return x_star
+    return _ImplicitGradient.apply(step, x_star, g, settings)
+
+
+class _ImplicitGradient(torch.autograd.Function):
+    """Forward: the fixed point ``x*`` itself. Backward: the incoming gradient ``G`` becomes the solution
+    ``u`` of ``u + J_g(x*)^T u = G``, sent to ``step = y - g(x*)``, through which autograd gives
+    ``dL/dy = u`` and ``dL/dtheta = -u^T dg/dtheta``."""
+
+    @staticmethod
+    def forward(ctx, step: torch.Tensor, x_star: torch.Tensor, g: Callable, settings: dict) -> torch.Tensor:
+        ctx.g, ctx.settings = g, settings
+        ctx.save_for_backward(x_star)
+        return x_star.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: u would silently be a constant to the next derivative
+            raise RuntimeError("the inverse of a contractive block is differentiable once: its backward solves an "
+                               "adjoint fixed-point problem that is not differentiated again (create_graph=True "
+                               "through the inverse is not supported)")
+        (x_star,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x0 = x_star.detach().requires_grad_(True)
+            gx = ctx.g(x0)
+
+        def transposed_jacobian(u: torch.Tensor) -> torch.Tensor:  # u -> J_g(x*)^T u
+            with torch.enable_grad():
+                (out,) = torch.autograd.grad(gx, x0, u, retain_graph=True)
+            return out
+
+        u, _ = fixed_point_solve(transposed_jacobian, grad.contiguous(), **ctx.settings,
+                                 what="adjoint solve of the fixed-point inverse (backward)")
+        return u, None, None, None

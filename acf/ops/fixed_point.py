@@ -70,6 +70,7 @@ def fixed_point_solve_reference(
     tol: float = 1e-6,
     max_iter: int = 500,
     on_fail: str = "warn",
+    what: str = "fixed-point inverse",
 ) -> tuple[torch.Tensor, FixedPointInfo]:
     """Banach iteration for ``x + g(x) = y`` (reference implementation, not differentiable).
 
@@ -105,7 +106,7 @@ def fixed_point_solve_reference(
             break
         x = torch.where(converged.view(view), x, y - gx)
     info = FixedPointInfo(iterations=it, g_evals=it, residual=residual, converged=converged)
-    report_nonconvergence(info, on_fail)
+    report_nonconvergence(info, on_fail, what)
     return x, info
 
 
@@ -210,6 +211,7 @@ def fixed_point_solve(
     reg: float = 1e-10,
     backend: str = "auto",
     max_lag: int = 4,
+    what: str = "fixed-point inverse",
 ) -> tuple[torch.Tensor, FixedPointInfo]:
     """Solve ``x + g(x) = y`` per sample (``x_0 = y``), not differentiable.
 
@@ -228,6 +230,7 @@ def fixed_point_solve(
             ``method="banach"`` is ``fixed_point_solve_reference``; with Anderson, the
             pure-PyTorch version of the same step).
         max_lag: CUDA: how many iterations the host may run ahead of its convergence information.
+        what: what the solve is, in the report of samples that did not converge.
 
     Returns:
         ``(x, info)``: samples stop moving as soon as they converge; ``info.iterations`` is the
@@ -253,7 +256,7 @@ def fixed_point_solve(
         raise ValueError(f"memory must be an integer in [1, {max_m}], got {memory!r}")
     check_backend(backend, "fixed_point_solve", ("auto", "extension", "reference"))
     if backend == "reference" and method == "banach":
-        return fixed_point_solve_reference(g, y, tol=tol, max_iter=max_iter, on_fail=on_fail)
+        return fixed_point_solve_reference(g, y, tol=tol, max_iter=max_iter, on_fail=on_fail, what=what)
     use_ext = use_extension(backend, y.device, y.dtype, True, "fixed_point_solve")
 
     shape, B = y.shape, y.shape[0]
@@ -302,7 +305,7 @@ def fixed_point_solve(
     zero = (counts == 0).nonzero()
     iterations = int(zero[0]) + 1 if len(zero) else evals
     info = FixedPointInfo(iterations=iterations, g_evals=evals, residual=residual, converged=converged)
-    report_nonconvergence(info, on_fail)
+    report_nonconvergence(info, on_fail, what)
     return x2.view(shape), info
 
 

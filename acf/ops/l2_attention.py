@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._checks import check_tensor
+from .._checks import check_real, check_tensor
 from .backends import check_backend
 
 Backend = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -411,14 +411,17 @@ def l2_attention(
     Args:
         q: queries, which are also the keys, shape ``(B, H, N, d)``.
         v: values, shape ``(B, H, N, e)``.
-        scale: logit scale; defaults to ``1 / sqrt(d)``.
+        scale: logit scale, a finite number > 0 (checked before any backend runs); defaults to
+            ``1 / sqrt(d)``.
         backend: ``"auto"`` (see ``_auto_backend``: Triton on CUDA, ``acf._C`` on CPU), or
             ``"triton"`` (fused kernels, differentiable twice), ``"extension"`` (``acf._C``'s CPU
             kernels, differentiable twice), ``"sdpa"`` (PyTorch SDPA on augmented vectors, first
             order only) or ``"reference"`` (materialises P, any order).
 
     Returns:
-        ``(B, H, N, e)`` tensor ``softmax(-scale * ||q_i - q_j||^2) @ v``.
+        ``(B, H, N, e)`` tensor ``softmax(-scale * ||q_i - q_j||^2) @ v``. With no tokens (``N = 0``), or
+        ``B``, ``H`` or ``e`` 0, the empty result of that shape (differentiable, zero gradients) from
+        every backend. Queries need ``d >= 1``.
     """
     check_tensor(q, "q", ndim=4)
     check_tensor(v, "v", ndim=4)
@@ -430,9 +433,28 @@ def l2_attention(
         raise TypeError(f"q and v must share a dtype: got {q.dtype} and {v.dtype}")
     if q.device != v.device:
         raise ValueError(f"q and v must be on the same device: got {q.device} and {v.device}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"l2_attention: q has head dim d = 0 (shape {tuple(q.shape)}); queries need at least one "
+                         f"component")
+    scale = _check_scale(scale, q.shape[-1])
+    check_backend(backend, "l2_attention", ("auto", *_BACKENDS))
+    if q.numel() == 0 or v.numel() == 0:  # no tokens (or heads, batch, value channels): nothing to attend over
+        return v * 0 + q.sum() * 0
+    return _select_backend(q, backend, v)(q, v, scale)
+
+
+def _check_scale(scale: object, d: int) -> float:
+    """The logit scale as a float: ``1 / sqrt(d)`` for None, else a finite number > 0 (a 0-dim tensor is
+    read as its value); an error naming ``scale`` otherwise."""
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return _select_backend(q, backend, v)(q, v, float(scale))
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.requires_grad:
+        scale = scale.item()
+    try:
+        return check_real(scale, "scale", low=0.0, low_open=True)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"l2_attention: {exc} (the logit scale of softmax(-scale ||q_i - q_j||^2) must be a "
+                        f"finite number > 0)") from None
 
 
 if cpu_kernels_available():
