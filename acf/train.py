@@ -112,12 +112,12 @@ class TrainConfig:
         taken = sorted(set(self.model) & set(MODEL_SETTINGS_OF_TRAINING))
         if taken:
             raise ValueError(f"model settings {taken} are training settings of their own: set them directly")
-        model_config_of(self)  # every model setting checked now, each error naming its field
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string, got {self.device!r}")
         parse_device(self.device)  # "auto", and whether this machine has the device, are resolved where the run starts
         if self.task == "hybrid" and DATASETS[self.data].n_classes == 0:
             raise ValueError(f"data set {self.data!r} has no labels: it cannot train a hybrid model")
+        model_config_of(self)  # every model setting checked now, each error naming its field
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -167,7 +167,7 @@ def _write_metrics(run: Path, history: list[dict]) -> None:
 
 
 # Settings that runs written before they existed do not store, and the values that reproduce those runs.
-SETTINGS_ADDED_LATER = {"gamma_init": 0.0, "delta_max": 0.5, "ball_radius": 1.0, "head_layout": "grouped",
+SETTINGS_ADDED_LATER = {"gamma_init": None, "delta_max": 0.5, "ball_radius": 1.0, "head_layout": "grouped",
                         "lr_schedule": "constant", "attention_form": "residual", "attention_scales": None, "model": {}}
 
 # Settings a run may change when it continues: it may be extended, and moved to another device (on

@@ -139,7 +139,7 @@ def test_interpolation(out):
 def test_one_registry_in_run_order():
     """One entry per experiment module, in the order ``all`` runs them; each knows its table."""
     assert list(ex.EXPERIMENTS) == ["convergence", "heads", "awgn", "dot", "classification", "interpolation",
-                                    "tight", "long"]
+                                    "tight", "long", "attention"]
     for name, entry in ex.EXPERIMENTS.items():
         module = getattr(ex, name)
         assert entry is module.EXPERIMENT and entry.name == module.NAME == name
@@ -237,3 +237,24 @@ def test_results_page_is_filled_from_the_runs(out, tmp_path):
     with pytest.raises(ValueError, match="no matching"):
         ex.fill_results_page(page, out)
     assert main(["experiment", "report", "--out", str(out)]) == 2  # --page is required
+
+
+def test_attention_protocol(out):
+    rows, md, meta = outputs(out, "attention")
+    arms = {name for name, _, _ in ex.attention.ARMS_A}
+    stage_a = [r for r in rows if r["stage"] == "A"]
+    assert {r["arm"] for r in stage_a} == arms and all(r["status"] == "ok" for r in rows)
+    assert {r["arm"] for r in rows if r["stage"] == "B"} == {"baseline-wide", ex.attention.best_attention_arm(rows)}
+    assert finite(r["test_bpd"] for r in rows) and all(0 < r["test_bpd"] < 16 for r in rows)
+    params = {r["arm"]: r["params"] for r in stage_a}
+    assert params["baseline-wide"] >= max(params[a] for a in ("residual", "quadrature", "gated"))
+    assert params["baseline-wide"] > params["baseline"]
+    for r in rows:  # the knock-out and the attention columns exactly where there is attention
+        assert (r.get("knockout_cost") is None) == (r["role"] == "baseline" or r["arm"] in ("control", "coupling",
+                                                                                            "coupling+attention"))
+    assert any(r["equal_time_for"] for r in rows if r["arm"] == "baseline-wide")
+    coupling = [r for r in stage_a if r["arm"].startswith("coupling")]
+    assert coupling and all(r["lipschitz_max"] is None for r in coupling)  # no certificate, none needed
+    assert all(r["lipschitz_max"] < 1 for r in stage_a if r not in coupling)
+    assert "positive control" in md and "uncertified reference" in md and "equal wall-clock" in md
+    assert meta["runs_trained"] + meta["runs_reused"] >= 0

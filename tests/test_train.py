@@ -174,7 +174,8 @@ def test_run_older_than_a_setting_resumes_with_its_old_value(tmp_path, uninterru
     train(TrainConfig(**{**TINY, "steps": 2}), run, progress=False)
     doc = json.loads((run / "config.json").read_text())
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    for name in ("lr_schedule", "gamma_init", "delta_max", "ball_radius", "head_layout"):
+    for name in ("lr_schedule", "gamma_init", "delta_max", "ball_radius", "head_layout", "attention_form",
+                 "attention_scales", "model"):
         del doc["train"][name], ckpt["config"][name]
     (run / "config.json").write_text(json.dumps(doc))
     torch.save(ckpt, run / "checkpoint.pt")

@@ -62,7 +62,7 @@ def attention_shares(model: ACFModel, x: torch.Tensor) -> list[float]:
 
     def layer_share(layer: torch.nn.Module, inputs: tuple) -> None:
         xt = inputs[0].flatten(2)
-        w = float(layer.attention_weight())
+        w = float(layer.attention_weight().detach())
         ident = 1.0 if layer.form == "residual" else math.sqrt(max(1.0 - w * w, 0.0))
         shares.append(abs(w) * float(layer.attention(xt).norm()) / max(ident * float(xt.norm()), 1e-30))
 

@@ -470,10 +470,11 @@ def attention_ablated(module: nn.Module) -> Iterator[nn.Module]:
     identity): the knock-out that shows what the attention contributes. Every form stays 1-Lipschitz,
     so the ablated model is still a certified flow and its bits/dim are a likelihood."""
     layers = attention_layers(module)
+    before = [layer.ablated for layer in layers]  # nested knock-outs restore what they found
     for layer in layers:
         layer.ablated = True
     try:
         yield module
     finally:
-        for layer in layers:
-            layer.ablated = False
+        for layer, was in zip(layers, before):
+            layer.ablated = was
