@@ -33,7 +33,8 @@ CPU_SOURCES = ["csrc/extension.cpp", "csrc/power_iteration.cpp", "csrc/fixed_poi
                "csrc/l2_attention_cpu_baseline.cpp", "csrc/l2_attention_cpu_avx2.cpp", "csrc/l2_attention_cpu_avx512.cpp"]
 CUDA_SOURCES = ["csrc/fixed_point_cuda.cu"]
 HEADERS = ["csrc/fixed_point_cuda.h", "csrc/fixed_point_anderson.h", "csrc/l2_attention_cpu.h",
-           "csrc/l2_attention_cpu_kernels.h"]
+           "csrc/l2_attention_cpu_kernels.h", "csrc/l2_attention_cpu_vec.h", "csrc/l2_attention_cpu_tiled.h",
+           "csrc/l2_attention_cpu_blocked.h"]
 # nvcc flags of CUDA_SOURCES, on top of torch's own. tests/test_cuda_compile.py reads CPU_SOURCES,
 # CUDA_SOURCES and NVCC_FLAGS (without running this file) to compile the CUDA code in CI, which has no
 # GPU, as a CUDA build would.

@@ -1,6 +1,6 @@
 // L2 self-attention with keys tied to queries on CPU: the operators l2_attention_fwd / _bwd / _bwd2
-// (forward, VJP and double VJP, fused per row; the math and the layout are described in
-// l2_attention_cpu_kernels.h) and cpu_isa().
+// (forward, VJP and double VJP, fused per row; the math is stated in l2_attention_cpu_kernels.h,
+// the kernels are in l2_attention_cpu_tiled.h and l2_attention_cpu_blocked.h) and cpu_isa().
 //
 // One build runs fast on every x86-64 CPU: the kernels are compiled three times from the one source,
 // for AVX-512 (64-byte vectors), AVX2 + FMA (32 bytes) and the baseline (the build's own flags:
@@ -55,9 +55,9 @@ void check_lse(const at::Tensor& lse, const at::Tensor& q) {
 // One variant's entry points: the register-tiled kernels and the blocked ones.
 struct Variant {
   const char* name;
-  decltype(&baseline::fwd) fwd, fwd_blocked;
-  decltype(&baseline::bwd) bwd, bwd_blocked;
-  decltype(&baseline::bwd2) bwd2, bwd2_blocked;
+  decltype(&baseline::fwd_tiled) fwd_tiled, fwd_blocked;
+  decltype(&baseline::bwd_tiled) bwd_tiled, bwd_blocked;
+  decltype(&baseline::bwd2_tiled) bwd2_tiled, bwd2_blocked;
 };
 
 #if defined(ACF_NATIVE_BUILD)
@@ -69,13 +69,13 @@ constexpr const char* kBaselineName = "baseline";
 // Widest first.
 const Variant kVariants[] = {
 #if ACF_L2_X86_VARIANTS
-    {"avx512", &avx512::fwd, &avx512::fwd_blocked, &avx512::bwd, &avx512::bwd_blocked,
-     &avx512::bwd2, &avx512::bwd2_blocked},
-    {"avx2", &avx2::fwd, &avx2::fwd_blocked, &avx2::bwd, &avx2::bwd_blocked,
-     &avx2::bwd2, &avx2::bwd2_blocked},
+    {"avx512", &avx512::fwd_tiled, &avx512::fwd_blocked, &avx512::bwd_tiled, &avx512::bwd_blocked,
+     &avx512::bwd2_tiled, &avx512::bwd2_blocked},
+    {"avx2", &avx2::fwd_tiled, &avx2::fwd_blocked, &avx2::bwd_tiled, &avx2::bwd_blocked,
+     &avx2::bwd2_tiled, &avx2::bwd2_blocked},
 #endif
-    {kBaselineName, &baseline::fwd, &baseline::fwd_blocked, &baseline::bwd, &baseline::bwd_blocked,
-     &baseline::bwd2, &baseline::bwd2_blocked},
+    {kBaselineName, &baseline::fwd_tiled, &baseline::fwd_blocked, &baseline::bwd_tiled, &baseline::bwd_blocked,
+     &baseline::bwd2_tiled, &baseline::bwd2_blocked},
 };
 
 bool supported(const Variant& variant) {
@@ -134,7 +134,7 @@ bool blocked(const at::Tensor& q, const at::Tensor& v) {
 std::tuple<at::Tensor, at::Tensor> l2_attention_fwd(const at::Tensor& q, const at::Tensor& v, double scale) {
   check_q(q);
   check_head(v, "v", q.size(0), q.size(1), q.scalar_type());
-  return (blocked(q, v) ? variant().fwd_blocked : variant().fwd)(q, v, scale);
+  return (blocked(q, v) ? variant().fwd_blocked : variant().fwd_tiled)(q, v, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> l2_attention_bwd(const at::Tensor& q, const at::Tensor& v, const at::Tensor& o,
@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> l2_attention_bwd(const at::Tensor& q, const a
     check_dims(t, name, v.size(2), "v");
   }
   check_lse(lse, q);
-  return (blocked(q, v) ? variant().bwd_blocked : variant().bwd)(q, v, o, lse.contiguous(), g, scale);
+  return (blocked(q, v) ? variant().bwd_blocked : variant().bwd_tiled)(q, v, o, lse.contiguous(), g, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> l2_attention_bwd2(const at::Tensor& q, const at::Tensor& v,
@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> l2_attention_bwd2(const at::Tenso
     check_dims(t, name, v.size(2), "v");
   }
   check_lse(lse, q);
-  return (blocked(q, v) ? variant().bwd2_blocked : variant().bwd2)(q, v, o, lse.contiguous(), g, u, w, scale);
+  return (blocked(q, v) ? variant().bwd2_blocked : variant().bwd2_tiled)(q, v, o, lse.contiguous(), g, u, w, scale);
 }
 
 }  // namespace

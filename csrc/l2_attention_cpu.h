@@ -1,6 +1,7 @@
 // The CPU L2 attention kernels, compiled once per instruction set, and what picks one at run time.
 //
-// csrc/l2_attention_cpu_kernels.h holds the kernels (the one copy of the math). It is compiled by
+// csrc/l2_attention_cpu_kernels.h holds the kernels (the one copy of the math; it includes
+// l2_attention_cpu_vec.h, l2_attention_cpu_tiled.h and l2_attention_cpu_blocked.h). It is compiled by
 //   l2_attention_cpu_baseline.cpp  for the build's own target (x86-64: SSE2; aarch64: NEON;
 //                                  -march=native with ACF_NATIVE=1),
 //   l2_attention_cpu_avx2.cpp      under ACF_L2_AVX2_TARGET   (x86-64 only),
@@ -44,8 +45,8 @@ inline bool cpu_has_avx512() {
 }
 #endif
 
-// The entry points of one variant: the register-tiled kernels (fwd, bwd, bwd2) and the blocked
-// ones (*_blocked; l2_attention_cpu.cpp says which runs where). The inputs are checked by the caller
+// The entry points of one variant: the register-tiled kernels (*_tiled) and the blocked ones
+// (*_blocked); l2_attention_cpu.cpp says which runs where. The inputs are checked by the caller
 // (l2_attention_cpu.cpp): (B*H, N, dim) CPU tensors of one floating dtype, lse contiguous.
 #define ACF_L2_DECLARE_PASSES(suffix)                                                                      \
   std::tuple<at::Tensor, at::Tensor> fwd##suffix(const at::Tensor& q, const at::Tensor& v, double scale);  \
@@ -56,7 +57,7 @@ inline bool cpu_has_avx512() {
       const at::Tensor& g, const at::Tensor& u, const at::Tensor& w, double scale);
 #define ACF_L2_DECLARE_VARIANT(ns) \
   namespace ns {                   \
-  ACF_L2_DECLARE_PASSES()          \
+  ACF_L2_DECLARE_PASSES(_tiled)    \
   ACF_L2_DECLARE_PASSES(_blocked)  \
   }
 
