@@ -7,6 +7,8 @@ or LipschitzNorm dot-product attention), with certified Lipschitz bounds.
 import os as _os
 import sys as _sys
 
+from ._version import __version__
+
 
 def _launched_as_cli() -> bool:
     """True when this process is the ``acf`` command: the console script, or ``python [options] -m acf``
@@ -30,7 +32,8 @@ try:  # Ctrl-C in the first seconds (importing torch and the rest) is the comman
     from .data import DATASETS, load_dataset
     from .layers.activations import CLipSwish, ELU, LipSwish
     from .layers.attention import (DotProductAttention, L2MultiheadAttention, L2TightAttention, LipNormAttention,
-                                   l2_mha_lipschitz_bound, l2_tight_constant, lipnorm_lipschitz_bound, make_attention)
+                                   make_attention)
+    from .layers.attention_bounds import l2_mha_lipschitz_bound, l2_tight_constant, lipnorm_lipschitz_bound
     from .layers.block import CertificateError, ContractiveBlock, LipschitzChain, certified_bounds
     from .layers.branches import idensenet_branch, iresnet_branch, resflow_branch
     from .layers.flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob,
@@ -50,7 +53,6 @@ except KeyboardInterrupt:
     print("acf: interrupted (while starting)", file=_sys.stderr)
     raise SystemExit(130) from None
 
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:

@@ -7,6 +7,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from .errors import ACFError
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -29,7 +31,7 @@ def check_tensor(
         check_finite(x, name)
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(ACFError, ValueError):
     """A tensor that must be finite holds NaN or infinity (``check_finite``)."""
 
 

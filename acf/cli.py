@@ -1,4 +1,10 @@
-"""Command-line interface: ``acf <command>`` (also ``python -m acf``)."""
+"""Command-line interface: ``acf <command>`` (also ``python -m acf``).
+
+Errors a user can cause or meet (``USER_ERRORS``: ACF's own errors, the ``ValueError``/``TypeError`` of
+validation, I/O's ``OSError``, running out of GPU memory) end the command with one line and exit code 2;
+``ACF_TRACEBACK=1`` (or ``acf --traceback <command>``) prints their traceback too. Any other exception
+is a bug: it keeps its traceback (exit code 1). Ctrl-C exits with 130.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,18 +13,23 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from ._checks import check_int, resolve_device
+from .data import DATASETS, load_dataset
+from .errors import ACFError
+from .experiment_names import EXPERIMENT_NAMES, SCALES
+from .layers.attention import ATTENTIONS, HEAD_LAYOUTS
 from .layers.block import uncertified_warning
 from .layers.flow import bits_per_dim, uniform_dequantize
 from .layers.logdet import GRADS
-from .data import DATASETS, load_dataset
-from .models import ARCHS, ATTENTION_FORMS, HEAD_LAYOUTS, PRESETS, build_model
-from .train import CONTINUATION_SETTINGS, LR_SCHEDULES, SAMPLE_TEMPERATURES, TrainConfig, read_config_file, read_run_config, train
+from .models import ARCHS, ATTENTION_FORMS, PRESETS, build_model
+from .train import (CONTINUATION_SETTINGS, LR_SCHEDULES, SAMPLE_TEMPERATURES, TASKS, TrainConfig, read_config_file,
+                    read_run_config, train)
 
 
 def synthetic_images(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -233,7 +244,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .ops.backends import format_backend_info
+    from .ops.info import format_backend_info
 
     print(format_backend_info())
     return 0
@@ -248,7 +259,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-ATTENTION_FLAG_CHOICES = ["l2", "l2-tight", "lipnorm", "dot", "none"]
+ATTENTION_FLAG_CHOICES = [*ATTENTIONS, "none"]
 ATTENTION_HELP = ("attention layer in each branch; dot is an UNCERTIFIED ablation: not Lipschitz, its blocks are NOT "
                   "guaranteed invertible")
 DEVICE_HELP = "auto: CUDA when available, else the CPU; or cpu, cuda, cuda:1, ..."
@@ -258,11 +269,11 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     """The options of ``acf train``. Their parser defaults stay ``None`` (so that ``cmd_train`` knows
     which were given: they override ``--config`` and are checked against the stored run by
     ``--resume``); the help shows the value used when an option is not given."""
-    used = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **TRAIN_DEFAULTS}
+    used = {**vars(TrainConfig()), **TRAIN_DEFAULTS}
 
     def option(*flags: str, parser: object = tr, help: str = "", **kw: object) -> None:
         action = parser.add_argument(*flags, help=help, **kw)
-        if used.get(action.dest) is not None:
+        if used.get(action.dest) not in (None, {}):  # None, {}: nothing set (the help says what then)
             action.help = f"{help} (default: {used[action.dest]})".strip()
 
     option("--config", metavar="FILE.json", help="settings from a JSON file: a run's config.json or an object of "
@@ -288,7 +299,7 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--model", nargs="+", metavar="KEY=VALUE", type=_model_setting,
            help="other model settings over the preset's (ModelConfig fields, values in JSON), e.g. hidden=64 "
                 "squeeze_first=false")
-    option("--task", choices=["density", "hybrid"], help="hybrid: bits/dim + a linear classifier on z")
+    option("--task", choices=TASKS, help="hybrid: bits/dim + a linear classifier on z")
     group = tr.add_mutually_exclusive_group()
     option("--steps", parser=group, type=int, help="training steps (with --resume: extends the run)")
     option("--epochs", parser=group, type=int, help="... or passes over the training set")
@@ -317,6 +328,8 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acf", description="Attentive Contractive Flows")
+    parser.add_argument("--traceback", action="store_true",
+                        help=f"on an error, print its traceback too (also: {TRACEBACK_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, text: str, func: object) -> argparse.ArgumentParser:
@@ -341,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=8, help="images")
     demo.add_argument("--seed", type=int, default=0, help="seed")
     demo.add_argument("--device", default="auto", help=DEVICE_HELP)
-    _train_options(command("train", "train a model (default: Residual Flow without attention on MNIST-5k, CPU "
-                                    "preset, 2500 steps)", cmd_train))
+    default = TrainConfig()
+    _train_options(command("train", f"train a model (default: {default.arch} without attention on {default.data}, "
+                                    f"preset {default.preset}, {default.steps} steps of batch {default.batch_size})",
+                           cmd_train))
     ev = run_command("evaluate", "test bits/dim of a run (unbiased estimator, standard error)", cmd_evaluate)
     ev.add_argument("--n-exact", dest="n_exact", type=int, default=20, help="exact log-det terms")
     ev.add_argument("--probes", type=int, default=1, help="independent estimates per image")
@@ -363,10 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="noise levels (standard deviations on the [0, 1] scale)")
     pt.add_argument("--n", type=int, default=64, help="test images")
     ex = command("experiment", "run a paper experiment (or all): CSV, PNG, markdown table, JSON", cmd_experiment)
-    ex.add_argument("name", help="convergence, heads, awgn, dot, classification, interpolation, tight, long, attention, "
-                                 "all, or report (only fill --page from the results already in --out)")
-    ex.add_argument("--scale", choices=["micro", "reduced", "full"], default="reduced",
-                    help="micro: seconds (tests); reduced: a 2-core CPU within a session; full: hours")
+    ex.add_argument("name", help=", ".join(EXPERIMENT_NAMES) + ", all, or report (only fill --page from the results "
+                                                                "already in --out)")
+    ex.add_argument("--scale", choices=list(SCALES), default="reduced",
+                    help="; ".join(f"{name}: {what}" for name, what in SCALES.items()))
     ex.add_argument("--out", default=os.path.join("runs", "experiments"),
                     help="output folder; finished runs in it are reused")
     ex.add_argument("--seeds", type=int, help="number of seeds (default: the scale's)")
@@ -388,9 +403,12 @@ def describe(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-# Failures a user can cause or meet (bad settings or files, a folder in use, I/O: permissions, a full
-# disk): one line and exit code 2, no traceback. An interrupt (Ctrl-C) exits with 130.
-EXPECTED_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+# Failures a user can cause or meet: ACF's own errors (a run folder in use, a checkpoint refused, a bound
+# that reached 1, a diverging training, data files missing or malformed), bad settings (the ValueError and
+# TypeError of validation), I/O (OSError: permissions, a full disk) and running out of GPU memory. They end
+# the command with one line and exit code 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ACFError, ValueError, TypeError, OSError, torch.cuda.OutOfMemoryError)
+TRACEBACK_ENV = "ACF_TRACEBACK"  # =1: user errors print their traceback too (as does acf --traceback)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -404,7 +422,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"acf {args.command}: interrupted{getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
         return 130
-    except EXPECTED_ERRORS as exc:
+    except USER_ERRORS as exc:
+        if args.traceback or os.environ.get(TRACEBACK_ENV, "").strip() in ("1", "true", "yes"):
+            traceback.print_exc()
         print(f"acf {args.command}: error: {describe(exc)}", file=sys.stderr)
         return 2
 

@@ -14,14 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ._checks import check_int  # noqa: E402
-from .data import to_float  # noqa: E402
-from .layers.flow import uniform_dequantize  # noqa: E402
 from .runfolder import atomic_write  # noqa: E402
-from .train import SAMPLE_TEMPERATURES  # noqa: E402
 
 if TYPE_CHECKING:
     from .models import ACFModel
-    from .train import Trainer
 
 MAX_BLOCK_LINES = 8  # lipschitz.png: one line per residual block up to this many, else max / median / min
 
@@ -117,24 +113,3 @@ def save_lipschitz(history: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     save_figure(fig, path)
-
-
-@torch.no_grad()
-def write_figures(trainer: "Trainer", n: int = 16) -> None:
-    """``samples.png`` (``n`` per temperature of ``SAMPLE_TEMPERATURES``), ``reconstructions.png`` (top:
-    test images, bottom: f^-1(f(x))), ``convergence.png`` and ``lipschitz.png``."""
-    run, cfg = trainer.run_dir, trainer.cfg
-    model = trainer.ema if trainer.ema is not None else trainer.model
-    model.eval()
-    name = f"{cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, step {trainer.step}"
-    save_samples(model, run / "samples.png", n, SAMPLE_TEMPERATURES, f"samples: {name}", on_fail="warn")
-    images, _ = trainer.test_set[slice(0, 8)]
-    x = uniform_dequantize(to_float(images).to(trainer.device))
-    z, _ = model(x)
-    x_rec = model.inverse(z)
-    err = float((x_rec - x).abs().max())
-    save_grid(torch.cat([x, x_rec]), run / "reconstructions.png", 2, f"reconstructions (max error {err:.1e})")
-    if trainer.history:
-        save_convergence(trainer.history, run / "convergence.png", name)
-        if any(h.get("lipschitz_max") is not None for h in trainer.history):  # a coupling flow has no bounds
-            save_lipschitz(trainer.history, run / "lipschitz.png", f"certified bounds: {name}")

@@ -10,7 +10,7 @@ contractive blocks on the flattened result (1x1 convolutions on a ``(D, 1, 1)`` 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -20,7 +20,8 @@ from ._checks import (check_choice, check_coefficient, check_gamma_init, check_i
                       check_same_dtype)
 from .layers.block import ContractiveBlock
 from .layers.coupling import AffineCoupling
-from .layers.attention import LAYER_FORMS
+from .layers.attention import (ATTENTIONS, DEFAULT_DELTA_MAX, DEFAULT_LAYOUT, DEFAULT_RADIUS, DELTA_LIMIT, HEAD_LAYOUTS,
+                               LAYER_FORMS)
 from .layers.branches import BRANCHES, GATED_WEIGHT, attention_branch, resflow_branch
 from .layers.flow import ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob
 from .layers.logdet import LogdetEstimator
@@ -29,8 +30,7 @@ from .layers.spectral_norm import refresh_spectral_norms
 # Architectures: a contractive residual flow per branch of ``BRANCHES``, and "coupling", the
 # uncertified reference (affine coupling layers, ``acf.layers.coupling``; attention "dot" only).
 ARCHS = (*BRANCHES, "coupling")
-ATTENTION_CHOICES = (None, "l2", "l2-tight", "lipnorm", "dot")
-HEAD_LAYOUTS = ("grouped", "multihead")
+ATTENTION_CHOICES = (None, *ATTENTIONS)  # None: no attention
 # How attention joins the flow (docs/design.md, section 3), and the initial weight of its path
 # (``gamma_init=None``): inside each branch, as eq. 13 normalised ("residual", the paper's) or as a
 # quadrature channel concatenation ("quadrature"); or as gated attention blocks of their own after
@@ -38,9 +38,50 @@ HEAD_LAYOUTS = ("grouped", "multihead")
 ATTENTION_FORMS = {"residual": LAYER_FORMS["residual"], "quadrature": LAYER_FORMS["quadrature"], "gated": GATED_WEIGHT}
 
 
+@dataclass(frozen=True, kw_only=True)
+class AttentionSettings:
+    """How attention joins the flow: the settings a model (``ModelConfig``) and a training run
+    (``TrainConfig``: ``acf train --attention-form`` ...) share, declared and checked here once."""
+
+    attention_form: str = "residual"  # one of ATTENTION_FORMS
+    attention_scales: Optional[tuple[int, ...]] = None  # the stages (0 = first) with attention; None: all
+    gamma_init: Optional[float] = None  # initial weight of the attention path; None: the form's default
+    delta_max: float = DEFAULT_DELTA_MAX  # "l2-tight" attention: logit range, ball radius, head layout
+    ball_radius: float = DEFAULT_RADIUS
+    head_layout: str = DEFAULT_LAYOUT
+
+    def check_attention_settings(self) -> None:
+        """Check every attention setting's type and range (errors name the setting); a list of stages
+        (from JSON) becomes a tuple."""
+        check_choice(self.attention_form, "attention_form", tuple(ATTENTION_FORMS))
+        scales = self.attention_scales
+        if scales is not None:
+            if not isinstance(scales, (tuple, list)) or not scales:
+                raise ValueError(f"attention_scales must be a non-empty list of stage indices or None, got {scales!r}")
+            for i in scales:
+                check_int(i, "attention_scales entry", minimum=0)
+            object.__setattr__(self, "attention_scales", tuple(scales))
+        if self.gamma_init is not None and self.attention_form == "residual":
+            check_gamma_init(self.gamma_init)
+        elif self.gamma_init is not None:  # eta2 of the quadrature form in [0, 1), the gate in (0, 1)
+            check_real(self.gamma_init, f"gamma_init (form {self.attention_form!r})", 0.0, 1.0,
+                       low_open=self.attention_form == "gated", high_open=True)
+        check_real(self.delta_max, "delta_max", low=0.0, high=DELTA_LIMIT, low_open=True)
+        check_real(self.ball_radius, "ball_radius", low=0.0, low_open=True)
+        check_choice(self.head_layout, "head_layout", HEAD_LAYOUTS)
+
+    def attention_settings(self) -> dict:
+        """The attention settings by name (``ATTENTION_SETTINGS``)."""
+        return {name: getattr(self, name) for name in ATTENTION_SETTINGS}
+
+
+ATTENTION_SETTINGS = tuple(f.name for f in fields(AttentionSettings))
+
+
 @dataclass(frozen=True)
-class ModelConfig:
-    """Everything that defines an ACF model; presets are named instances, overrides replace fields."""
+class ModelConfig(AttentionSettings):
+    """Everything that defines an ACF model; presets are named instances, overrides replace fields. The
+    attention settings (``AttentionSettings``) are keyword-only."""
 
     arch: str = "resflow"
     attention: Optional[str] = None
@@ -59,14 +100,8 @@ class ModelConfig:
     logit_alpha: float = 1e-6
     n_classes: Optional[int] = None  # hybrid model: a linear classifier on z
     estimator: LogdetEstimator = field(default_factory=LogdetEstimator)
-    attention_form: str = "residual"  # one of ATTENTION_FORMS
-    attention_scales: Optional[tuple[int, ...]] = None  # the stages (0 = first) with attention; None: all
-    gamma_init: Optional[float] = None  # initial weight of the attention path; None: the form's default
     positional: bool = False         # attention: a learnt positional embedding added to its tokens
     kernel_size: int = 3             # iresnet / resflow: the branch's outer kernels (k-1-k); 1: no spatial mixing
-    delta_max: float = 0.5           # "l2-tight" attention: logit range, ball radius, head layout
-    ball_radius: float = 1.0
-    head_layout: str = "grouped"
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or self.arch not in ARCHS:
@@ -86,22 +121,13 @@ class ModelConfig:
             check_int(getattr(self, name), name, minimum=1)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the convolutions keep the image size), got {self.kernel_size}")
-        check_choice(self.attention_form, "attention_form", tuple(ATTENTION_FORMS))
+        self.check_attention_settings()
         if self.attention_scales is not None:
-            scales = self.attention_scales
-            if not isinstance(scales, (tuple, list)) or not scales:
-                raise ValueError(f"attention_scales must be a non-empty list of stage indices or None, got {scales!r}")
-            for i in scales:
-                check_int(i, "attention_scales entry", minimum=0)
+            for i in self.attention_scales:
                 if i >= self.n_scales:
                     raise ValueError(f"attention_scales entry {i} is not a stage: the model has n_scales={self.n_scales} "
                                      f"(stages 0..{self.n_scales - 1})")
-            object.__setattr__(self, "attention_scales", tuple(sorted(set(scales))))
-        if self.gamma_init is not None and self.attention_form == "residual":
-            check_gamma_init(self.gamma_init)
-        elif self.gamma_init is not None:  # eta2 of the quadrature form in [0, 1), the gate in (0, 1)
-            check_real(self.gamma_init, f"gamma_init (form {self.attention_form!r})", 0.0, 1.0,
-                       low_open=self.attention_form == "gated", high_open=True)
+            object.__setattr__(self, "attention_scales", tuple(sorted(set(self.attention_scales))))
         check_int(self.fc_blocks, "fc_blocks", minimum=0)
         if self.n_classes is not None:
             check_int(self.n_classes, "n_classes", minimum=2)
@@ -110,9 +136,6 @@ class ModelConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_coefficient(check_real(self.coeff, "coeff"))
         check_real(self.logit_alpha, "logit_alpha", low=0.0, high=0.5, high_open=True)
-        check_real(self.delta_max, "delta_max", low=0.0, high=20.0, low_open=True)
-        check_real(self.ball_radius, "ball_radius", low=0.0, low_open=True)
-        check_choice(self.head_layout, "head_layout", HEAD_LAYOUTS)
         if not isinstance(self.estimator, LogdetEstimator):
             raise TypeError(f"estimator must be a LogdetEstimator, got {type(self.estimator).__name__}")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import fcntl
 import json
 import math
@@ -40,6 +39,7 @@ from typing import IO, Callable, Iterator, Optional, Union
 import torch
 
 from ._checks import first_non_finite
+from .errors import ACFError
 
 PathLike = Union[str, Path]
 LOCK_NAME = ".lock"
@@ -50,7 +50,7 @@ MAX_JSON_BYTES = 1_000_000  # read_json: a settings file (config.json, acf train
 _held: dict[tuple[str, int], int] = {}  # (folder, thread) -> depth of the locks this process holds
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(ACFError, RuntimeError):
     """A run folder, or a file in it, that cannot be used as asked (in use, unwritable, refused)."""
 
 

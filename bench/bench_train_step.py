@@ -26,7 +26,6 @@ scales x 2 blocks) with 4 fully connected blocks and ``hidden`` 64, 128 and 256 
 from __future__ import annotations
 
 import contextlib
-import functools
 import tempfile
 import time
 from unittest import mock
@@ -38,7 +37,6 @@ from acf.layers.attention import set_attention_backend
 from acf.ops.l2_attention import cpu_kernels_available
 from acf.ops.power_iteration import spectral_norms
 from acf.layers.spectral_norm import _SpectralNormalized
-from acf.models import build_model
 from acf.train import TrainConfig, Trainer
 
 VARIANTS = {"none": (None, None), "l2-cpu": ("l2", "extension"), "l2-tight-cpu": ("l2-tight", "extension"),
@@ -71,9 +69,8 @@ def make_trainer(variant: str) -> Trainer:
     width, _, name = variant.rpartition(":")
     attention, backend = VARIANTS[name.removesuffix("+legacy-sn")]
     settings, model = (PRESET_RUN, {}) if not width else (WIDTH_RUN, dict(hidden=int(width[1:]), fc_blocks=4))
-    with mock.patch("acf.train.build_model", functools.partial(build_model, **model)):
-        cfg = TrainConfig(attention=attention, steps=1000, **settings)
-        trainer = Trainer(cfg, tempfile.mkdtemp(prefix="acf-bench-"))
+    cfg = TrainConfig(attention=attention, steps=1000, model=model, **settings)
+    trainer = Trainer(cfg, tempfile.mkdtemp(prefix="acf-bench-"))
     if backend is not None:
         set_attention_backend(trainer.model, backend)
     return trainer

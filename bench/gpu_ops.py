@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workloads as W  # noqa: E402
 
 from acf import _ext  # noqa: E402
-from acf.ops.backends import backend_info  # noqa: E402
+from acf.ops.info import backend_info  # noqa: E402
 
 ROWS: list = []
 SKIPPED: list = []

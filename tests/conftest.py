@@ -34,6 +34,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory):
+    """A tiny run trained by ``acf train`` with its default device (2 steps of L2 attention on the 8x8
+    digits), shared by the tests of the command line, of loading a run and of its figures; a test that
+    changes it works on a copy."""
+    from acf.cli import main
+
+    out = tmp_path_factory.mktemp("cli_run") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one_thread fixture, for the training only
+    try:
+        assert main(["train", "--data", "digits", "--attention", "l2", "--heads", "2", "--batch-size", "16",
+                     "--eval-every", "2", "--eval-size", "16", "--n-exact-eval", "2", "--warmup", "2", "--steps", "2",
+                     "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def pytest_terminal_summary(terminalreporter):
     """The compile tests' reports (registers, stack, spills per GPU kernel), at the end of the run."""
     import sys

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from acf.layers.attention import (DotProductAttention, L2MultiheadAttention, LipNormAttention, l2_attention_constant,
-                           make_attention)
+from acf.layers.attention import DotProductAttention, L2MultiheadAttention, LipNormAttention, make_attention
+from acf.layers.attention_bounds import l2_attention_constant
 from helpers import ascent_ratio, jacobian, random_pair_ratio
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import acf
-from acf.experiments.probes import attention_pull, attention_shares, attention_weights
+from acf.experiments.measurements import attention_pull, attention_shares, attention_weights
 from acf.layers.attention import attention_ablated, attention_layers, make_attention, set_attention_backend
 from acf.layers.branches import Gate, attention_branch, resflow_branch
 from acf.layers.coupling import AffineCoupling

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from acf import _ext
-from acf.ops.backends import backend_info, format_backend_info
+from acf.ops.info import backend_info, format_backend_info
 
 EXT = _ext.available()
 

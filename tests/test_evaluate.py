@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 
+import acf
 from acf.cli import main
 from acf.evaluate import evaluate_bits_per_dim, interpolations, load_run, run_test_set
-from acf.train import TrainConfig, train
+from acf.train import TrainConfig, read_run_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+HERE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = dict(data="digits", attention="l2", heads=2, steps=2, batch_size=16, eval_every=2, eval_size=16,
             n_exact_eval=2, warmup=2)
 
@@ -99,3 +101,25 @@ def test_bad_command_settings_are_one_line_errors(run, capsys, args, match):
     assert main([args[0], str(run), *args[1:]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and match in err and "Traceback" not in err, err
+
+
+# ---- acf.load_run, model.sample of a run trained by the command line -----------------------------
+
+def test_load_run_returns_the_ema_model_with_its_settings(cli_run):
+    model = acf.load_run(cli_run)
+    assert isinstance(model, acf.ACFModel) and not model.training
+    assert model.train_config == read_run_config(cli_run)
+    assert next(model.parameters()).device.type == HERE
+    ckpt = torch.load(cli_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    cpu = acf.load_run(str(cli_run), device="cpu")
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in cpu.state_dict().items())
+
+
+def test_sample_with_log_prob(cli_run):
+    model = acf.load_run(cli_run, device="cpu").train()  # the log-density is taken in eval mode all the same
+    torch.manual_seed(0)
+    x, log_prob = model.sample(5, temperature=0.7, return_log_prob=True)
+    assert model.training and x.shape == (5, 1, 8, 8) and log_prob.shape == (5,)
+    assert bool(torch.isfinite(log_prob).all()) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    torch.manual_seed(0)
+    assert torch.equal(model.sample(5, temperature=0.7), x)  # the same images without the log-density

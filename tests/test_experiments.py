@@ -2,6 +2,7 @@
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, replace
 
 import pytest
@@ -23,6 +24,19 @@ def out(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("experiments")
     ex.run_experiment("all", root, "micro", progress=False)
     return root
+
+
+def test_registry_and_scales_carry_the_names_the_command_line_offers():
+    """acf experiment --help lists acf.experiment_names without importing the experiments: the registry is
+    built from those names, each module's experiment carries its own, and the scales are the ones named."""
+    from acf.experiment_names import EXPERIMENT_NAMES, SCALES
+
+    assert list(ex.EXPERIMENTS) == list(EXPERIMENT_NAMES)
+    assert all(e.name == name and e.run.__module__ == f"acf.experiments.{name}" for name, e in ex.EXPERIMENTS.items())
+    assert list(ex.SCALES) == list(SCALES)
+    rows = re.split(r"^=+ +=+$", ex.__doc__, flags=re.MULTILINE)[2]  # the body of its table
+    table = re.findall(r"^``([a-z]+)``\s", rows, re.MULTILINE)
+    assert table == list(EXPERIMENT_NAMES)  # the package's docstring describes each, in the same order
 
 
 def outputs(root, name):

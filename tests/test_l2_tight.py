@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import acf
-from acf.layers.attention import L2TightAttention, ball_projection, l2_tight_constant, make_attention
+from acf.layers.attention import L2TightAttention, ball_projection, make_attention
+from acf.layers.attention_bounds import l2_tight_constant
 from helpers import adversarial_starts, jacobian_norm_ascent
 
 # (layout, channels, heads, delta_max, N, weight scale, ascent steps)

@@ -247,3 +247,18 @@ def test_two_process_data_parallel_run(tmp_path):
     assert [h["step"] for h in json.loads((out / "metrics.json").read_text())] == [2, 4]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+# ---- the batches ------------------------------------------------------------------------------------
+
+def test_loader_batches_do_not_depend_on_workers_or_where_the_run_starts(tmp_path):
+    cfg = TrainConfig(data="digits", batch_size=512, seed=3)  # 2 batches an epoch
+    start = Trainer(cfg, tmp_path)
+    batches = [start.next_batch() for _ in range(5)]
+    assert not any(torch.equal(batches[0][0], b[0]) for b in batches[1:])
+    resumed = Trainer(cfg, tmp_path, workers=2)
+    resumed.step = 3  # as load() leaves it
+    for expected in batches[3:]:
+        got = resumed.next_batch()
+        resumed.step += 1
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

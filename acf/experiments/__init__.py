@@ -23,8 +23,8 @@ experiment         what it tests (paper)
 Each experiment is a module of this package (``convergence.py`` ... ``long.py``) with its ``NAME``,
 ``run(out, scale, seeds, progress)`` (train, measure, write the outputs), ``markdown(ctx, rows)`` (its
 table from the CSV's rows) and, except ``interpolation``, ``plot(rows, path)``; ``EXPERIMENTS`` below is
-the one registry, in the order ``all`` runs them. Shared: ``runs.py`` (scales, variants, training runs,
-an experiment's start and finish), ``tables.py`` (CSV and markdown), ``probes.py`` (model probes).
+the one registry, built from the names of ``acf.experiment_names`` in the order ``all`` runs them. Shared: ``runs.py`` (scales, variants, training runs,
+an experiment's start and finish), ``tables.py`` (CSV and markdown), ``measurements.py`` (measurements of trained models).
 
 Each writes ``<out>/<name>/<name>.csv`` (one row per run or measurement, with every identifying
 column), ``<name>.png``, ``<name>.md`` (a markdown table computed from the CSV as written: mean ± std
@@ -45,6 +45,7 @@ runs, many hours on a CPU). Re-run everything with::
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -53,15 +54,18 @@ import matplotlib
 
 matplotlib.use("Agg")  # before any submodule imports pyplot: no display
 
-from . import attention, awgn, classification, convergence, dot, heads, interpolation, long, tight  # noqa: E402
 from .convergence import CONVERGENCE_VARIANTS  # noqa: E402,F401
-from .probes import attention_shares, block_input, jacobian_norm  # noqa: E402,F401
+from .measurements import attention_shares, block_input, jacobian_norm  # noqa: E402,F401
 from .runs import (DEFAULT_OUT, FULL, MICRO, REDUCED, SCALES, Context, Experiment, PathLike,  # noqa: E402,F401
                    RunRecord, Scale, Variant, ensure_run, get_scale, machine_info, run_key, train_config)
 from .tables import markdown_table, mean_se, mean_std, read_csv, write_csv  # noqa: E402,F401
 
-EXPERIMENTS: dict[str, Experiment] = {m.EXPERIMENT.name: m.EXPERIMENT for m in (
-    convergence, heads, awgn, dot, classification, interpolation, tight, long, attention)}
+from ..experiment_names import EXPERIMENT_NAMES  # noqa: E402
+
+# The registry: the module of each name of EXPERIMENT_NAMES (acf/experiment_names.py, which the command line
+# reads without importing this package), in that order.
+EXPERIMENTS: dict[str, Experiment] = {name: importlib.import_module(f".{name}", __name__).EXPERIMENT
+                                      for name in EXPERIMENT_NAMES}
 
 
 def run_experiment(name: str, out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced",

@@ -20,7 +20,7 @@ the steps ``Scale.protocol_steps`` (the convergence checkpoints) and ``baseline-
 wall-clock: the steps it takes in the time an attention arm takes for its last checkpoint, from step
 times measured side by side (``step_seconds``). At each evaluation: test bits/dim of the EMA weights,
 the same with every attention path zeroed (the knock-out), the attention's weight and share, the pull
-``r`` (``probes.attention_pull``) and the largest certified block bound.
+``r`` (``measurements.attention_pull``) and the largest certified block bound.
 
 Stage B, MNIST-5k at 28x28 (the CPU preset: attention at the 14x14 and 7x7 stages): the attention arm
 with the best paired difference at equal wall-clock in stage A against its own parameter-matched
@@ -56,7 +56,7 @@ from ..layers.flow import uniform_dequantize
 from ..layers.logdet import LogdetEstimator
 from ..train import TrainConfig, build_for
 from ..data import load_dataset, to_float
-from .probes import attention_pull, attention_shares, attention_weights
+from .measurements import attention_pull, attention_shares, attention_weights
 from .runs import DEFAULT_OUT, Context, Experiment, PathLike, Scale, ensure_run, finish, locate, run_key, run_path, start
 from .tables import group, markdown_table
 

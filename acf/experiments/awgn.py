@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..evaluate import awgn_robustness
 from .convergence import convergence_runs
-from .probes import load_trained
+from .measurements import load_trained
 from .runs import DEFAULT_OUT, Context, Experiment, PathLike, Scale, finish, run_path, start, variant_columns
 from .tables import group, markdown_table, mean_std, plot_series
 

@@ -14,7 +14,7 @@ from ..layers.block import ContractiveBlock
 from ..layers.flow import uniform_dequantize
 from ..layers.logdet import LogdetEstimator
 from ..models import ACFModel
-from .probes import load_trained
+from .measurements import load_trained
 from .runs import DEFAULT_OUT, Context, Experiment, PathLike, Scale, Variant, finish, start, summary_row, train_config
 from .tables import group, markdown_table, mean_se, mean_std
 

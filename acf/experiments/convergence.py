@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 import matplotlib.pyplot as plt
 
-from .probes import attention_columns
+from .measurements import attention_columns
 from .runs import (DEFAULT_OUT, Context, Experiment, PathLike, RunRecord, Scale, Variant, finish, run_columns, start,
                    train_config, variant_columns)
 from .tables import ATTENTION_HEADER, ATTENTION_NOTE, attention_cells, final_rows, group, markdown_table, mean_se, \

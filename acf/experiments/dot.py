@@ -12,7 +12,7 @@ from ..data import ImageDataset
 from ..evaluate import count_nonconverged
 from ..models import ACFModel
 from .convergence import CONVERGENCE_VARIANTS
-from .probes import (ATTENTION_TYPES, batch_of_test_images, block_input, block_inversion, first_attention_block,
+from .measurements import (ATTENTION_TYPES, batch_of_test_images, block_input, block_inversion, first_attention_block,
                      jacobian_norm, load_trained, logdet_error)
 from .runs import (DEFAULT_OUT, Context, Experiment, PathLike, RunRecord, Scale, Variant, finish, is_numeric_blowup,
                    run_path, start, train_config)
@@ -34,7 +34,7 @@ def _training_facts(rec: RunRecord, model: Optional[ACFModel]) -> dict:
             "gamma_max_abs": rec.gamma_max_abs}
 
 
-def _probe_model(model: ACFModel, test: ImageDataset, scale: Scale) -> list[tuple[Optional[float], str, float]]:
+def _measure_model(model: ACFModel, test: ImageDataset, scale: Scale) -> list[tuple[Optional[float], str, float]]:
     """``(input scale, measurement, value)`` of the whole-model inverse and of the first attention
     block at growing input scale."""
     x = batch_of_test_images(test, scale.dot_images)
@@ -95,7 +95,7 @@ def run(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced", seeds
                     _set_gamma(loaded[0], value)
                 torch.manual_seed(seed)
                 rows += [{**ident, "gamma": label, "measurement": k, "input_scale": s, "value": val}
-                         for s, k, val in _probe_model(*loaded, ctx.scale)]
+                         for s, k, val in _measure_model(*loaded, ctx.scale)]
     return finish(ctx, rows, markdown, plot)
 
 

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import matplotlib.pyplot as plt
 
 from .convergence import CONVERGENCE_VARIANTS
-from .probes import attention_columns
+from .measurements import attention_columns
 from .runs import DEFAULT_OUT, Context, Experiment, PathLike, Scale, Variant, finish, start, summary_row, train_config
 from .tables import ATTENTION_HEADER, ATTENTION_NOTE, attention_cells, group, markdown_table, mean_std
 

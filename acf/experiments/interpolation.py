@@ -12,7 +12,7 @@ from ..data import to_float
 from ..evaluate import count_nonconverged, interpolations
 from ..figures import image_grid
 from .convergence import convergence_runs
-from .probes import load_trained
+from .measurements import load_trained
 from .runs import DEFAULT_OUT, Context, Experiment, PathLike, Scale, finish, run_path, start, variant_columns
 from .tables import group, markdown_table, mean_std
 

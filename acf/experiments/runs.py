@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .. import runfolder
+from ..layers.attention import ATTENTIONS
 from ..train import NonFiniteLossError, TrainConfig, train
 from .tables import read_csv, write_csv
 
@@ -43,8 +44,8 @@ class Scale:
     classification_images: int   # test images for the final accuracy (capped at the test set)
     awgn_sigmas: tuple[float, ...]
     awgn_images: int
-    dot_scales: tuple[float, ...]  # input scales of the dot-product probes (x = scale * block input)
-    dot_images: int              # images for the inversion and Jacobian-norm probes
+    dot_scales: tuple[float, ...]  # input scales of the dot-product measurements (x = scale * block input)
+    dot_images: int              # images for the inversion and Jacobian-norm measurements
     logdet_images: int           # images for the exact log-det (a full Jacobian each)
     logdet_draws: int            # estimator draws per image
     power_iters: int             # power iterations for Jacobian spectral norms
@@ -94,8 +95,8 @@ SCALES: dict[str, Scale] = {s.name: s for s in (MICRO, REDUCED, FULL)}
 
 @dataclass(frozen=True)
 class Variant:
-    """A model variant: architecture, attention (None, "l2", "l2-tight", "lipnorm", "dot"), heads and,
-    for "l2-tight", the logit range (None: the default)."""
+    """A model variant: architecture, attention (a kind of ``acf.layers.attention.ATTENTIONS``, or None),
+    heads and, for "l2-tight", the logit range (None: the default)."""
 
     arch: str
     attention: Optional[str]
@@ -106,8 +107,7 @@ class Variant:
     @property
     def label(self) -> str:
         names = {"iresnet": "i-ResNet", "resflow": "ResFlow", "idensenet": "i-DenseNet"}
-        att = {None: "", "l2": " + L2 SA", "l2-tight": " + L2-tight SA", "lipnorm": " + LipNorm SA",
-               "dot": " + dot SA"}[self.attention]
+        att = "" if self.attention is None else f" + {ATTENTIONS[self.attention].label} SA"
         options = [f"{name}={value:g}" for name, value in (("Δ", self.delta_max), ("γ₀", self.gamma_init))
                    if value is not None]
         return names.get(self.arch, self.arch) + att + (f" ({', '.join(options)})" if options else "")

@@ -8,9 +8,9 @@ from typing import Optional, Union
 
 import matplotlib.pyplot as plt
 
-from ..layers.attention import l2_tight_constant
+from ..layers.attention_bounds import l2_tight_constant
 from ..train import TrainConfig
-from .probes import attention_columns
+from .measurements import attention_columns
 from .runs import DEFAULT_OUT, Context, Experiment, PathLike, Scale, Variant, finish, start, summary_row, train_config
 from .tables import ATTENTION_HEADER, ATTENTION_NOTE, attention_cells, group, markdown_table, mean_se, mean_std
 

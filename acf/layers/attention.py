@@ -23,38 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from functools import lru_cache
 from typing import Iterator
 
 import torch
-from scipy.special import lambertw
 from torch import nn
 
 from .._checks import check_choice, check_finite_parameter, check_gamma_init, check_image, check_int, check_real
 from ..ops.l2_attention import l2_attention
-
-LIPNORM_SCORE_BOUND = math.exp(math.sqrt(3.0)) + 2.0 * math.sqrt(6.0)  # eq. 15 with m = n
-
-
-@lru_cache(maxsize=None)
-@torch.compiler.assume_constant_result  # compiled: evaluated once while tracing, a constant
-def l2_attention_constant(n: int, d: int) -> float:
-    """``sqrt(N / d) * (4 W0((N - 1) / e) + 1)``: the N-dependent factor of Kim et al.'s bound.
-
-    Kim et al. (2021, Thm 3.2) state it with ``phi^{-1}(N - 1)``, ``phi(x) = x e^{x+1}``, i.e.
-    ``W0((N - 1) / e)``. The ACF paper (after eq. 12) writes ``W0(N / e)``, which is slightly larger
-    and also valid; we use the exact inverse. ``d = D / H`` is the head dimension: the published
-    code's ``sqrt(N / D)`` is too small by ``sqrt(H)``.
-    """
-    w0 = float(lambertw((n - 1) / math.e).real) if n > 1 else 0.0
-    return math.sqrt(n / d) * (4.0 * w0 + 1.0)
-
-
-def _head_norms(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Spectral norms of the ``D x d`` column blocks ``W_h`` of ``w`` (one per head), exact (SVD)."""
-    d_model = w.shape[0]
-    blocks = w.reshape(d_model, heads, -1).transpose(0, 1)
-    return _spectral_norm_exact(blocks)
+from .attention_bounds import (head_norms, l2_mha_lipschitz_bound, l2_tight_constant, lipnorm_lipschitz_bound,
+                               spectral_norm_exact)
 
 
 def channel_mix(w: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
@@ -62,34 +39,6 @@ def channel_mix(w: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
     weight, which keeps the result and its input gradient contiguous (``W^T @ X^T`` would fold the
     batch into a copied ``(B N, D)`` matrix, forward and in every VJP)."""
     return torch.bmm(w.t().expand(xt.shape[0], -1, -1), xt)
-
-
-def _spectral_norm_exact(w: torch.Tensor) -> torch.Tensor:
-    """``||W||_2`` by SVD, in at least float32 (half-precision SVD does not exist), differentiable."""
-    return torch.linalg.matrix_norm(w.to(torch.promote_types(w.dtype, torch.float32)), ord=2)
-
-
-def l2_mha_lipschitz_bound(w_q: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, heads: int,
-                           n: int) -> torch.Tensor:
-    """Certified ``Lip_2`` of L2 multi-head attention with tied keys (eq. 12, Kim et al. Thm 3.2).
-
-    ``L = c(N, d) * sqrt(sum_h (||W^Q_h||^2 ||W^V_h||)^2) * ||W^O||`` with exact spectral norms.
-    The square on ``||W^Q_h||`` is required: ``f_h(X) = P_h X W^Q_h W^Q_h^T W^V_h / sqrt(d)`` obeys
-    ``f(X; t W^Q) = t f(t X; W^Q)``, so its Lipschitz constant grows as ``t^2``; eq. 12 as printed
-    (one power of ``||W^Q||``) fails whenever ``||W^Q||_2 > 1``.
-    """
-    d = w_q.shape[0] // heads
-    per_head = _head_norms(w_q, heads) ** 2 * _head_norms(w_v, heads)
-    return l2_attention_constant(n, d) * per_head.norm() * _spectral_norm_exact(w_o)
-
-
-def lipnorm_lipschitz_bound(w_qkv: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
-    """Certified ``Lip_2`` of LipschitzNorm attention (Dasoulas et al. 2021; eq. 15 with m = n).
-
-    Each head is ``e^{sqrt 3} + 2 sqrt 6``-Lipschitz in its ``(Q_h, K_h, V_h)``; the heads act on
-    disjoint parts of ``X [W^Q W^K W^V]``, so ``L = (e^{sqrt 3} + 2 sqrt 6) ||[W^Q W^K W^V]||_2 ||W^O||_2``.
-    """
-    return LIPNORM_SCORE_BOUND * _spectral_norm_exact(w_qkv) * _spectral_norm_exact(w_o)
 
 
 # How a layer's certified attention ``A~ = F / L`` (``||J_A~|| <= 1``) joins its input ``X``: the form's
@@ -100,6 +49,11 @@ def lipnorm_lipschitz_bound(w_qkv: torch.Tensor, w_o: torch.Tensor) -> torch.Ten
 #   "normalized" A~ alone: the attention inside a gated attention block (``acf.layers.branches``)
 LAYER_FORMS = {"residual": 0.0, "quadrature": 0.2, "normalized": None}
 POSITION_INIT = 0.1  # standard deviation of the positional embedding's entries at initialisation
+# L2TightAttention: its head layouts, its defaults (a model's too: ``acf.models.AttentionSettings``; the class
+# docstring says why), and the widest logit range it accepts.
+HEAD_LAYOUTS = ("grouped", "multihead")
+DEFAULT_DELTA_MAX, DEFAULT_RADIUS, DEFAULT_LAYOUT = 0.5, 1.0, "grouped"
+DELTA_LIMIT = 20.0
 
 
 def _over_bound(out_scale: torch.Tensor | float, bound: torch.Tensor) -> torch.Tensor:
@@ -118,9 +72,10 @@ class _ContractiveAttention(nn.Module):
     the attention contributes to a trained model (``attention_ablated``). ``pull = (a, b)``, two scalar
     tensors (normally None), adds ``a X`` to the identity part of the output and ``b A~`` to the
     attention part: at ``a = b = 0`` their gradients are the loss's derivatives along the identity and
-    the attention directions (``acf.experiments.probes.attention_pull``)."""
+    the attention directions (``acf.experiments.measurements.attention_pull``)."""
 
     certified = True
+    label = ""  # how tables name the kind (``acf.experiments``)
 
     def __init__(self, channels: int, heads: int, form: str = "residual", weight: float | None = None,
                  tokens: int = 0) -> None:
@@ -216,6 +171,8 @@ class L2MultiheadAttention(_ContractiveAttention):
     D x D matrix ``A_h`` is never formed), ``F = [f_1 ... f_H] W^O``.
     """
 
+    label = "L2"
+
     def __init__(self, channels: int, heads: int = 4, backend: str = "auto", form: str = "residual",
                  weight: float | None = None, tokens: int = 0) -> None:
         super().__init__(channels, heads, form, weight, tokens)
@@ -245,6 +202,7 @@ class LipNormAttention(_ContractiveAttention):
     row 2-norms of ``K`` and ``V``, recomputed on every forward from the current input and weights.
     """
 
+    label = "LipNorm"
     eps = 1e-12
 
     def __init__(self, channels: int, heads: int = 4, form: str = "residual", weight: float | None = None,
@@ -272,6 +230,7 @@ class DotProductAttention(_ContractiveAttention):
     """
 
     certified = False
+    label = "dot"
 
     def __init__(self, channels: int, heads: int = 4, form: str = "residual", weight: float | None = None,
                  tokens: int = 0) -> None:
@@ -282,30 +241,6 @@ class DotProductAttention(_ContractiveAttention):
         q, k, v = (self._split_heads(t) for t in channel_mix(self.w_qkv, xt).chunk(3, dim=1))
         p = torch.softmax((q / math.sqrt(self.head_dim)) @ k.transpose(-1, -2), dim=-1)
         return channel_mix(self.w_o * out_scale, self._merge_heads(p @ v))
-
-
-@lru_cache(maxsize=None)
-@torch.compiler.assume_constant_result
-def l2_tight_constant(delta: float, n: int) -> float:
-    """``f(Delta, N) = sqrt(c) + Delta / 2 + sqrt(Delta G)``: ``Lip(F) <= ||M|| f`` for one attention
-    map of ``L2TightAttention`` whose logits span at most ``Delta`` over ``N`` tokens (see its docstring).
-
-    ``c = 1 / (1 + (N-1) e^-Delta) + (N-1) / (2 + (N-2) e^-Delta)`` bounds the column sums of P;
-    ``G = (N-1) max_{0<=a<=Delta} a e^-a / (1 + e^-a + (N-2) e^-Delta)`` bounds ``sum_i P_ij a_ij``.
-    The maximum is taken on a grid of step ``s`` and raised by ``(N-1) s / 2 * sup|h'|`` with
-    ``|h'| <= 1.5 / (1 + (N-2) e^-Delta)``, so ``G`` is an upper bound, not an estimate.
-    """
-    if not (delta > 0 and math.isfinite(delta)) or n < 1:
-        raise ValueError(f"l2_tight_constant needs Delta > 0 and N >= 1, got {delta!r}, {n!r}")
-    if n == 1:
-        return 1.0  # one token: F(x) = M^T x~
-    k = (n - 2) * math.exp(-delta)
-    c = 1.0 / (1.0 + (n - 1) * math.exp(-delta)) + (n - 1) / (2.0 + k)
-    steps = 20_000
-    a = torch.linspace(0.0, delta, steps + 1, dtype=torch.float64)
-    h = a * torch.exp(-a) / (1.0 + torch.exp(-a) + k)
-    g = (n - 1) * (float(h.max()) + (delta / steps) / 2 * 1.5 / (1.0 + k))
-    return math.sqrt(c) + delta / 2.0 + math.sqrt(delta * g)
 
 
 def ball_projection(xt: torch.Tensor, radius: float) -> torch.Tensor:
@@ -368,16 +303,18 @@ class L2TightAttention(_ContractiveAttention):
         backend: the ``l2_attention`` backend (the fused kernels compute ``softmax(l) m`` unchanged).
     """
 
-    def __init__(self, channels: int, heads: int = 4, delta_max: float = 0.5, radius: float = 1.0,
-                 layout: str = "grouped", backend: str = "auto", form: str = "residual",
-                 weight: float | None = None, tokens: int = 0) -> None:
+    label = "L2-tight"
+
+    def __init__(self, channels: int, heads: int = 4, delta_max: float = DEFAULT_DELTA_MAX,
+                 radius: float = DEFAULT_RADIUS, layout: str = DEFAULT_LAYOUT, backend: str = "auto",
+                 form: str = "residual", weight: float | None = None, tokens: int = 0) -> None:
         super().__init__(channels, heads, form, weight, tokens)
-        if not (isinstance(delta_max, (int, float)) and 0 < delta_max <= 20):
-            raise ValueError(f"delta_max must be in (0, 20], got {delta_max!r}")
+        if not (isinstance(delta_max, (int, float)) and 0 < delta_max <= DELTA_LIMIT):
+            raise ValueError(f"delta_max must be in (0, {DELTA_LIMIT:g}], got {delta_max!r}")
         if not (isinstance(radius, (int, float)) and 0 < radius < math.inf):
             raise ValueError(f"radius must be a positive number, got {radius!r}")
-        if layout not in ("grouped", "multihead"):
-            raise ValueError(f"layout must be 'grouped' or 'multihead', got {layout!r}")
+        if layout not in HEAD_LAYOUTS:
+            raise ValueError(f"layout must be {' or '.join(map(repr, HEAD_LAYOUTS))}, got {layout!r}")
         self.delta_max, self.layout, self.backend = float(delta_max), layout, backend
         d = self.head_dim
         self.radius = float(radius) * math.sqrt(d if layout == "grouped" else channels)  # R, absolute
@@ -390,11 +327,11 @@ class L2TightAttention(_ContractiveAttention):
     def value_norm(self) -> torch.Tensor:
         """The ``||M||`` factor of the bound (exact spectral norms, differentiable)."""
         if self.layout == "grouped":
-            return _spectral_norm_exact(self.w_m).amax()
+            return spectral_norm_exact(self.w_m).amax()
         v_h = self.w_v.reshape(self.channels, self.heads, self.head_dim).transpose(0, 1)  # (H, D, d)
         o_h = self.w_o.reshape(self.heads, self.head_dim, self.channels)                   # (H, d, D)
-        summed = _spectral_norm_exact(v_h @ o_h).sum()
-        concat = _spectral_norm_exact(self.w_o) * _spectral_norm_exact(v_h).norm()
+        summed = spectral_norm_exact(v_h @ o_h).sum()
+        concat = spectral_norm_exact(self.w_o) * spectral_norm_exact(v_h).norm()
         return torch.minimum(summed, concat)
 
     def bound(self, n: int) -> torch.Tensor:
@@ -407,10 +344,10 @@ class L2TightAttention(_ContractiveAttention):
         h, d = self.heads, self.head_dim
         if self.layout == "grouped":
             qt = self.w_q.mT @ xt                                          # (B, H, d, N) = (Q_h^T x~)
-            q_norm = _spectral_norm_exact(self.w_q)                        # (H,)
+            q_norm = spectral_norm_exact(self.w_q)                        # (H,)
         else:
             qt = channel_mix(self.w_q, xt).reshape(xt.shape[0], h, d, xt.shape[-1])
-            q_norm = _head_norms(self.w_q, h)
+            q_norm = head_norms(self.w_q, h)
         inv_sqrt_tau = math.sqrt(self.delta_max) / (2.0 * self.radius * q_norm.clamp_min(1e-12))
         return (qt * inv_sqrt_tau.view(h, 1, 1)).transpose(-1, -2)
 
@@ -440,6 +377,8 @@ def set_attention_backend(module: nn.Module, backend: str) -> nn.Module:
     return module
 
 
+# The attention kinds by name, in the order they are offered: the one list (a model's ``attention``, the
+# command line's ``--attention``, the experiments' layer classes all come from it).
 ATTENTIONS = {"l2": L2MultiheadAttention, "l2-tight": L2TightAttention, "lipnorm": LipNormAttention,
               "dot": DotProductAttention}
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._checks import check_finite, check_same_dtype, check_tensor
+from ..errors import ACFError
 from .logdet import LogdetEstimator, logdet_estimate
 from ..ops.fixed_point import FixedPointInfo, fixed_point_solve
 from .spectral_norm import refresh_spectral_norms
@@ -37,7 +38,7 @@ def lipschitz_bound(module: nn.Module) -> float:
     return float(module.lipschitz_bound())
 
 
-class CertificateError(RuntimeError):
+class CertificateError(ACFError, RuntimeError):
     """A residual branch's certified Lipschitz bound reached 1: its block is no longer guaranteed
     invertible, and its log-det series may diverge."""
 

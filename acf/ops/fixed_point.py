@@ -18,16 +18,17 @@ import collections
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from .. import _ext
 from .._checks import check_finite, check_tensor
+from ..errors import ACFError
 from .backends import check_backend, use_extension
 
 
-class ConvergenceError(RuntimeError):
+class ConvergenceError(ACFError, RuntimeError):
     """The fixed-point iteration hit its cap before every sample met the tolerance."""
 
 

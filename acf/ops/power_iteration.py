@@ -16,7 +16,7 @@ import torch
 
 from .. import _ext
 from .._checks import check_tensor
-from .backends import EXTENSION_DTYPES, check_backend, use_extension
+from .backends import check_backend, use_extension
 
 LinearOp = Callable[[torch.Tensor], torch.Tensor]
 

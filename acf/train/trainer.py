@@ -1,15 +1,5 @@
-"""Training loop of the main job: ``acf train`` (density or hybrid), with resumable run folders.
-
-A run folder holds ``config.json``, ``checkpoint.pt``, ``metrics.csv`` / ``metrics.json`` and PNG
-figures, each written atomically (``acf.runfolder``), by one process at a time (the folder's lock). The
-checkpoint holds the history and is written first; the metrics files are then rewritten from it (and
-again when the run is resumed), so a run killed at any point never lists a step its checkpoint does
-not have, and a resumed run never duplicates or loses rows. Everything random
-(batch order: a ``DataLoader`` over ``acf.data.EpochBatchSampler``, a permutation per epoch from
-``epoch_seed(seed, epoch)``, restarted mid-epoch on resume; dequantisation noise, roulette draws and
-probes: the global torch generator, saved in the checkpoint) is reproducible, so a run resumed from a
-checkpoint ends with the same parameters as an uninterrupted one.
-"""
+"""The training loop: ``Trainer`` (one run's model, EMA copy, optimizer, step and history) and ``train``,
+which trains or resumes the run in a folder as its only writer (see ``acf.train``)."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +9,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -27,97 +17,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import distributed, runfolder
-from ._checks import (NonFiniteError, check_choice, check_int, check_optional_str, check_real, first_non_finite,
-                      parse_device, resolve_device)
-from .layers.block import CertificateError, certified_bounds, uncertified_warning
-from .data import DATASETS, endless_batches, load_dataset, make_loader, to_float
-from .layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
-from .layers.logdet import DEFAULT_MAX_TERMS, GRADS, LogdetEstimator
-from .models import ARCHS, ATTENTION_CHOICES, PRESETS, ACFModel, ModelConfig, model_config
+from .. import distributed, runfolder
+from .._checks import NonFiniteError, check_int, first_non_finite, resolve_device
+from ..data import endless_batches, load_dataset, make_loader, to_float
+from ..errors import ACFError
+from ..layers.block import CertificateError, certified_bounds, uncertified_warning
+from ..layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
+from ..models import ACFModel
+from .config import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES, TrainConfig, build_for, config_diff
+from .folder import check_folder
 
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")
-CONFIG, CHECKPOINT = "config.json", "checkpoint.pt"
-LR_SCHEDULES = ("constant", "cosine")
-CONFIG_SECTIONS = ("train", "model", "world_size", "warning")  # of config.json; "train" is read back, the rest a record
-SAMPLE_TEMPERATURES = (0.5, 0.7, 0.85, 1.0)  # samples.png (`acf train`, `acf sample`): a row block per temperature
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ACFError, RuntimeError):
     """Training produced a NaN or infinite loss; the last good checkpoint is left as it was."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one training run (``acf train --help`` lists them). The defaults are ``acf train``'s
-    default run, chosen by a measured sweep for a 2-core CPU and a budget of about 10 minutes
-    (``bench/results/2026-11-30-default-run.md``); the experiments fix their own settings."""
-
-    data: str = "mnist5k"
-    data_root: Optional[str] = None
-    arch: str = "resflow"
-    attention: Optional[str] = None  # "l2", "l2-tight", "lipnorm" or "dot": see docs/RESULTS.md
-    heads: int = 4
-    preset: str = "cpu-fc"
-    task: str = "density"            # or "hybrid": bits/dim + cross-entropy of a linear head on z
-    steps: int = 3000
-    batch_size: int = 32
-    lr: float = 5e-3
-    warmup: int = 100
-    lr_schedule: str = "constant"     # after the warm-up: "constant", or a "cosine" decay towards 0 at the end
-    ema_decay: float = 0.99
-    seed: int = 0
-    device: str = "cpu"              # or "auto": CUDA when available (what `acf train` uses unless told)
-    eval_every: int = 500
-    eval_size: int = 200             # test images per evaluation (n_exact_eval terms: costly)
-    n_exact: int = 2                 # roulette: exact terms in training
-    n_exact_eval: int = 20           # ... and in evaluation
-    lam: float = 2.0                 # Poisson rate of the roulette
-    grad: str = "neumann"            # log-det gradient: neumann, memory_efficient, backprop
-    logit_alpha: float = 1e-6
-    attention_form: str = "residual"  # how attention joins the flow: residual, quadrature or gated
-    attention_scales: Optional[tuple[int, ...]] = None  # stages (0 = first) with attention; None: all
-    gamma_init: Optional[float] = None  # initial weight of the attention path; None: the form's default
-    delta_max: float = 0.5           # "l2-tight" attention: logit range, ball radius, head layout
-    ball_radius: float = 1.0
-    head_layout: str = "grouped"
-    model: dict = field(default_factory=dict)  # other settings of the model (ModelConfig fields) over the preset's
-
-    def __post_init__(self) -> None:
-        """Check every field's type and range; errors name the field."""
-        if not isinstance(self.data, str) or self.data not in DATASETS:
-            raise ValueError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
-        check_optional_str(self.data_root, "data_root")
-        check_choice(self.task, "task", ("density", "hybrid"))
-        check_choice(self.arch, "arch", ARCHS)
-        check_choice(self.attention, "attention", ATTENTION_CHOICES)
-        check_choice(self.preset, "preset", tuple(PRESETS))
-        check_choice(self.grad, "grad", GRADS)
-        check_choice(self.lr_schedule, "lr_schedule", LR_SCHEDULES)
-        for name in ("heads", "steps", "batch_size", "eval_every", "eval_size"):
-            check_int(getattr(self, name), name, minimum=1)
-        for name in ("warmup", "seed", "n_exact", "n_exact_eval"):
-            check_int(getattr(self, name), name, minimum=0)
-        check_real(self.lr, "lr", low=0.0, low_open=True)
-        check_real(self.ema_decay, "ema_decay", low=0.0, high=1.0, high_open=True)
-        check_real(self.lam, "lam", low=0.0, high=DEFAULT_MAX_TERMS, low_open=True)  # mean draw <= the roulette's cap
-        check_real(self.logit_alpha, "logit_alpha", low=0.0, high=0.5, high_open=True)
-        if isinstance(self.attention_scales, list):  # from JSON
-            object.__setattr__(self, "attention_scales", tuple(self.attention_scales))
-        if not isinstance(self.model, dict):
-            raise TypeError(f"model must be an object of model settings, got {self.model!r}")
-        unknown = sorted(set(self.model) - {f.name for f in fields(ModelConfig)})
-        if unknown:
-            raise ValueError(f"model: unknown model setting(s) {unknown}; known: {sorted(f.name for f in fields(ModelConfig))}")
-        taken = sorted(set(self.model) & set(MODEL_SETTINGS_OF_TRAINING))
-        if taken:
-            raise ValueError(f"model settings {taken} are training settings of their own: set them directly")
-        if not isinstance(self.device, str):
-            raise TypeError(f"device must be a string, got {self.device!r}")
-        parse_device(self.device)  # "auto", and whether this machine has the device, are resolved where the run starts
-        if self.task == "hybrid" and DATASETS[self.data].n_classes == 0:
-            raise ValueError(f"data set {self.data!r} has no labels: it cannot train a hybrid model")
-        model_config_of(self)  # every model setting checked now, each error naming its field
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -132,30 +46,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-# The model settings (ModelConfig fields) a TrainConfig sets itself; ``TrainConfig.model`` holds the others.
-MODEL_SETTINGS_OF_TRAINING = ("arch", "attention", "heads", "input_shape", "n_classes", "estimator", "logit_alpha",
-                              "attention_form", "attention_scales", "gamma_init", "delta_max", "ball_radius",
-                              "head_layout")
-
-
-def model_config_of(cfg: TrainConfig) -> ModelConfig:
-    """The checked model configuration a training config describes (its preset, ``cfg.model`` over it,
-    then the model settings of the training config itself)."""
-    info = DATASETS[cfg.data]
-    est = LogdetEstimator(method="roulette", n_exact=cfg.n_exact, n_exact_eval=cfg.n_exact_eval, lam=cfg.lam,
-                          grad=cfg.grad)
-    return model_config(cfg.arch, cfg.attention, cfg.heads, info.input_shape, preset=cfg.preset, **cfg.model,
-                        n_classes=info.n_classes if cfg.task == "hybrid" else None, estimator=est,
-                        logit_alpha=cfg.logit_alpha, attention_form=cfg.attention_form,
-                        attention_scales=cfg.attention_scales, gamma_init=cfg.gamma_init, delta_max=cfg.delta_max,
-                        ball_radius=cfg.ball_radius, head_layout=cfg.head_layout)
-
-
-def build_for(cfg: TrainConfig) -> ACFModel:
-    """The model a training config describes."""
-    return ACFModel(model_config_of(cfg))
-
-
 def _write_metrics(run: Path, history: list[dict]) -> None:
     """``metrics.csv`` and ``metrics.json`` from the history the checkpoint holds (written after it)."""
     text = io.StringIO(newline="")
@@ -164,74 +54,6 @@ def _write_metrics(run: Path, history: list[dict]) -> None:
     writer.writerows(history)
     runfolder.write_text(run / "metrics.csv", text.getvalue())
     runfolder.write_text(run / "metrics.json", json.dumps(history, indent=1))
-
-
-# Settings that runs written before they existed do not store, and the values that reproduce those runs.
-SETTINGS_ADDED_LATER = {"gamma_init": None, "delta_max": 0.5, "ball_radius": 1.0, "head_layout": "grouped",
-                        "lr_schedule": "constant", "attention_form": "residual", "attention_scales": None, "model": {}}
-
-# Settings a run may change when it continues: it may be extended, and moved to another device (on
-# the same device it continues bit for bit).
-CONTINUATION_SETTINGS = ("steps", "device")
-
-
-def config_diff(stored: dict, cfg: TrainConfig) -> dict:
-    """``{field: (stored, requested)}`` for the settings of ``cfg`` that differ from ``stored`` (a run's
-    ``asdict(TrainConfig)``), ``CONTINUATION_SETTINGS`` excepted."""
-    stored = {**SETTINGS_ADDED_LATER, **stored}  # a run older than a setting ran with its old value
-    return {k: (stored.get(k), v) for k, v in asdict(cfg).items()
-            if k not in CONTINUATION_SETTINGS and stored.get(k) != v}
-
-
-def config_from_dict(values: object, source: str = "config", complete: bool = True) -> TrainConfig:
-    """A ``TrainConfig`` from a dict of every setting (e.g. a run's config.json; with ``complete=False``
-    missing settings take their defaults): unknown or missing settings, wrong types and values out of
-    range raise an error naming the setting and ``source``."""
-    if not isinstance(values, dict):
-        raise TypeError(f"{source}: the training settings must be a JSON object, got {type(values).__name__}")
-    names = [f.name for f in fields(TrainConfig)]
-    unknown = sorted(set(values) - set(names))
-    missing = [n for n in names if complete and n not in values and n not in SETTINGS_ADDED_LATER]
-    if unknown or missing:
-        raise ValueError(f"{source}: " + "; ".join(
-            [f"unknown training setting(s) {unknown}"] * bool(unknown) + [f"missing setting(s) {missing}"] * bool(missing)))
-    if complete:
-        values = {**SETTINGS_ADDED_LATER, **values}
-    try:
-        return TrainConfig(**values)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{source}: {exc}") from None
-
-
-def read_run_config(run: Path) -> TrainConfig:
-    """The training configuration in ``run/config.json``, validated (errors name the file and field)."""
-    path = Path(run) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; {run} is not a run folder written by `acf train`")
-    doc = runfolder.read_json(path)
-    if not isinstance(doc, dict) or "train" not in doc:
-        raise ValueError(f"{path}: no \"train\" section (the run's training settings)")
-    return _train_section(doc, path)
-
-
-def _train_section(doc: dict, path: Path) -> TrainConfig:
-    """The validated "train" section of a run's config.json ``doc``, read from ``path``."""
-    unknown = sorted(set(doc) - set(CONFIG_SECTIONS))
-    if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; a run's config.json holds {list(CONFIG_SECTIONS)}")
-    return config_from_dict(doc["train"], f"{path} (train)")
-
-
-def read_config_file(path: Path, defaults: Optional[dict] = None) -> TrainConfig:
-    """Training settings from the JSON file ``path`` (``acf train --config``): a run's ``config.json``
-    (its "train" section, complete, as ``read_run_config`` reads it) or a JSON object of ``TrainConfig``
-    fields, where a missing field takes its value from ``defaults``, else ``TrainConfig``'s default.
-    Errors name the file and the field."""
-    path = Path(path)
-    doc = runfolder.read_json(path)
-    if isinstance(doc, dict) and "train" in doc:
-        return _train_section(doc, path)
-    return config_from_dict({**(defaults or {}), **doc} if isinstance(doc, dict) else doc, str(path), complete=False)
 
 
 class Trainer:
@@ -430,29 +252,26 @@ class Trainer:
             raise RuntimeError("data-parallel ranks ended with different parameters")
         return self.history[-1] if self.history else {}
 
+    # ---- figures ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_figures(self, n: int = 16) -> None:
+        """``samples.png`` (``n`` per temperature of ``SAMPLE_TEMPERATURES``), ``reconstructions.png`` (top:
+        test images, bottom: f^-1(f(x))), ``convergence.png`` and ``lipschitz.png`` of the evaluated model."""
+        from ..figures import save_convergence, save_grid, save_lipschitz, save_samples  # matplotlib: only here
 
-def _check_folder(run: Path, cfg: TrainConfig, resume: bool) -> None:
-    """Refuse a folder ``train`` must not write into: in use by another writer; no checkpoint to resume;
-    a run already there (a new run may only restart one that stopped before its first checkpoint, with
-    the same settings); files that are not an acf run."""
-    runfolder.check_free(run)
-    ckpt = run / CHECKPOINT
-    if resume:
-        if not ckpt.exists():
-            raise FileNotFoundError(f"{ckpt}: no checkpoint to resume from")
-        return
-    if ckpt.exists():
-        raise FileExistsError(f"{run} already holds a run; resume it with --resume or choose another --out")
-    names = runfolder.contents(run)
-    if not names:
-        return
-    if CONFIG not in names:
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise FileExistsError(f"{run} is not empty and holds no acf run ({shown}); choose another --out")
-    diff = config_diff(asdict(read_run_config(run)), cfg)
-    if diff:
-        raise FileExistsError(f"{run} holds a run that stopped before its first checkpoint, with another "
-                              f"configuration (stored, requested): {diff}; choose another --out")
+        run, cfg, model = self.run_dir, self.cfg, self.evaluated_model()
+        name = f"{cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, step {self.step}"
+        save_samples(model, run / "samples.png", n, SAMPLE_TEMPERATURES, f"samples: {name}", on_fail="warn")
+        images, _ = self.test_set[slice(0, 8)]
+        x = uniform_dequantize(to_float(images).to(self.device))
+        z, _ = model(x)
+        x_rec = model.inverse(z)
+        err = float((x_rec - x).abs().max())
+        save_grid(torch.cat([x, x_rec]), run / "reconstructions.png", 2, f"reconstructions (max error {err:.1e})")
+        if self.history:
+            save_convergence(self.history, run / "convergence.png", name)
+            if any(h.get("lipschitz_max") is not None for h in self.history):  # a coupling flow has no bounds
+                save_lipschitz(self.history, run / "lipschitz.png", f"certified bounds: {name}")
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True, workers: int = 0) -> Trainer:
@@ -461,14 +280,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
     are cut in the training process; the batches are the same either way). The folder is created only
     once the data and the model have been built, so a run that fails validation leaves nothing behind."""
     run_dir = Path(run_dir)
-    _check_folder(run_dir, cfg, resume)
+    check_folder(run_dir, cfg, resume)
     trainer = Trainer(cfg, run_dir, workers)
     main = distributed.is_main()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     with runfolder.lock(run_dir, "acf train") if main else contextlib.nullcontext():
         if main:
-            _check_folder(run_dir, cfg, resume)  # again, now as the folder's only writer
+            check_folder(run_dir, cfg, resume)  # again, now as the folder's only writer
         if resume:
             trainer.load(run_dir / CHECKPOINT)
         if main:
@@ -480,8 +299,6 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
                 _write_metrics(run_dir, trainer.history)
         trainer.run(progress)
         if main:
-            from .figures import write_figures
-
-            write_figures(trainer)
+            trainer.write_figures()
         distributed.barrier()
     return trainer

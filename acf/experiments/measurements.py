@@ -1,4 +1,4 @@
-"""Probes of trained models: the attention's share of a layer's output, a block's input, the Jacobian
+"""Measurements of trained models: the attention's share of a layer's output, a block's input, the Jacobian
 norm of a branch, the log-det estimator against the exact log-det, a block's inversion."""
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import torch
 
 from ..data import ImageDataset, to_float
 from ..evaluate import load_run, run_test_set
-from ..layers.attention import (DotProductAttention, L2MultiheadAttention, L2TightAttention, LipNormAttention,
-                                attention_ablated, attention_layers)
+from ..layers.attention import ATTENTIONS, attention_ablated, attention_layers
 from ..layers.block import ContractiveBlock
 from ..layers.branches import Gate
 from ..layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
@@ -20,7 +19,7 @@ from ..layers.logdet import LogdetEstimator, exact_logdet, logdet_estimate
 from ..models import ACFModel
 from .runs import RunRecord, Scale
 
-ATTENTION_TYPES = (L2MultiheadAttention, L2TightAttention, LipNormAttention, DotProductAttention)
+ATTENTION_TYPES = tuple(ATTENTIONS.values())  # the attention layer of every kind
 
 
 def load_trained(rec: RunRecord) -> tuple[ACFModel, ImageDataset]:
