@@ -30,6 +30,7 @@ def _launched_as_cli() -> bool:
 
 try:  # Ctrl-C in the first seconds (importing torch and the rest) is the command's, if this is the command
     from .data import DATASETS, load_dataset
+    from .errors import ACFError
     from .layers.activations import CLipSwish, ELU, LipSwish
     from .layers.attention import (DotProductAttention, L2MultiheadAttention, L2TightAttention, LipNormAttention,
                                    make_attention)
@@ -66,7 +67,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
-    "ACFModel", "CertificateError", "DATASETS", "ModelConfig", "build_model", "load_dataset",
+    "ACFError", "ACFModel", "CertificateError", "DATASETS", "ModelConfig", "build_model", "load_dataset",
     "ActNorm", "CLipSwish", "ContractiveBlock", "ConvergenceError", "DotProductAttention", "ELU",
     "FixedPointInfo", "L2MultiheadAttention", "L2TightAttention", "LipNormAttention", "LipSwish", "LipschitzChain",
     "LogdetEstimator", "LogitTransform", "SequentialFlow", "SpectralConv2d", "SpectralLinear", "Squeeze",

@@ -14,11 +14,9 @@
 // block of its rows. Buffers and outputs are dense matrices (column-major ones as transposes), the
 // layouts that BLAS takes without a copy. No N x N matrix outlives a block.
 //
-// Nothing is #included here: l2_attention_cpu_kernels.h includes every library header before it
-// pushes the variant's target, so that no library code is compiled for a wider instruction set.
 #pragma once  // included by l2_attention_cpu_kernels.h: once per translation unit, one variant each
 #ifndef ACF_L2_NS
-#error "l2_attention_cpu_blocked.h is a part of l2_attention_cpu_kernels.h: include that (it sets up the variant)"
+#error "l2_attention_cpu_blocked.h is a part of l2_attention_cpu_kernels.h (which sets up the variant)"
 #endif
 
 namespace acf_l2_cpu {

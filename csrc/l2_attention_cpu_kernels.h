@@ -37,6 +37,8 @@
 //                               it, and win from head dim 32 up.
 // Both kernels compute that math on the same layout of the inputs; l2_attention_cpu.cpp picks one by
 // head dim (python bench/bench_l2_attention.py --crossover measures both against the reference).
+// The parts include nothing themselves: every library header is included here, before the variant's
+// target is pushed, so that no library code is compiled for a wider instruction set.
 //
 // These files are the one copy of the kernels: each csrc/l2_attention_cpu_<variant>.cpp includes this
 // one once, for one instruction set, into namespace acf_l2_cpu::<variant> (l2_attention_cpu.h says

@@ -23,11 +23,9 @@
 // register the variant targets (64 bytes in the AVX-512 variant, 32 in the AVX2 one, 16 in the
 // baseline), which keeps the tiles in registers.
 //
-// Nothing is #included here: l2_attention_cpu_kernels.h includes every library header before it
-// pushes the variant's target, so that no library code is compiled for a wider instruction set.
 #pragma once  // included by l2_attention_cpu_kernels.h: once per translation unit, one variant each
 #ifndef ACF_L2_NS
-#error "l2_attention_cpu_tiled.h is a part of l2_attention_cpu_kernels.h: include that (it sets up the variant)"
+#error "l2_attention_cpu_tiled.h is a part of l2_attention_cpu_kernels.h (which sets up the variant)"
 #endif
 
 namespace acf_l2_cpu {

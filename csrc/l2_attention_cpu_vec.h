@@ -7,11 +7,9 @@
 // The math these helpers serve: P_ij = 2^(t_ij log2(e) - lse2_i) with t_ij = -c |q_i - q_j|^2 <= 0
 // (l2_attention_cpu_kernels.h states it in full); vexp2 is only ever called with x <= 0.
 //
-// Nothing is #included here: l2_attention_cpu_kernels.h includes every library header before it
-// pushes the variant's target, so that no library code is compiled for a wider instruction set.
 #pragma once  // included by l2_attention_cpu_kernels.h: once per translation unit, one variant each
 #ifndef ACF_L2_NS
-#error "l2_attention_cpu_vec.h is a part of l2_attention_cpu_kernels.h: include that (it sets up the variant)"
+#error "l2_attention_cpu_vec.h is a part of l2_attention_cpu_kernels.h (which sets up the variant)"
 #endif
 
 namespace acf_l2_cpu {

@@ -11,7 +11,9 @@ op                 public function (reference)                 fast paths
                    (``fixed_point_solve_reference``)           ``csrc/fixed_point_cuda.cu``
 =================  ==========================================  =================================
 
-Every op takes ``backend=`` from one vocabulary (``acf.ops.backends``). Import from the op's module
+``l2_attention_passes`` turns the fused backends of ``l2_attention`` into differentiable PyTorch ops
+(three passes each). Every op takes ``backend=`` from one vocabulary (``acf.ops.backends``); ``acf.ops.info``
+says what is active here (``acf info``). Import from the op's module
 (``from acf.ops.l2_attention import l2_attention``; the package re-exports nothing, so that a module
 and its function can share the op's name). Nothing here imports the layers, models or application
 above it.
