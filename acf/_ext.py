@@ -34,7 +34,8 @@ def load() -> Optional[ModuleType]:
         _error = f"{type(exc).__name__}: {exc}"
         warnings.warn(
             f"acf: the compiled extension acf._C is not available ({_error}); using the pure-PyTorch "
-            f"reference for power iteration and fixed-point inversion (slower, same results). "
+            f"references of its ops (L2 attention on CPU, power iteration, fixed-point inversion: slower, same "
+            f"results). "
             f"Rebuild with `pip install --no-build-isolation -e .` after installing torch.",
             RuntimeWarning, stacklevel=2)
     return _module

@@ -18,7 +18,8 @@ from .data import ImageDataset, load_dataset, to_float
 from .figures import save_figure, save_grid, save_samples
 from .layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from .models import ACFModel
-from .train.config import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES, TrainConfig, build_for, read_run_config
+from .runfolder import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES
+from .train.config import TrainConfig, build_for, read_run_config
 
 def _require_run(run: Path) -> None:
     for f in (run / CONFIG, run / CHECKPOINT):

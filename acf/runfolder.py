@@ -41,6 +41,10 @@ import torch
 from ._checks import first_non_finite
 from .errors import ACFError
 
+# The files of a run folder (``acf train`` writes them, every command on a run reads them).
+CONFIG, CHECKPOINT = "config.json", "checkpoint.pt"
+SAMPLE_TEMPERATURES = (0.5, 0.7, 0.85, 1.0)  # samples.png (`acf train`, `acf sample`): a row block per temperature
+
 PathLike = Union[str, Path]
 LOCK_NAME = ".lock"
 TEMP_SUFFIX = ".partial"  # temporary files of atomic_write: .<name>.<random>.partial

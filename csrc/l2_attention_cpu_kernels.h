@@ -34,9 +34,10 @@
 //                               leave BLAS idle);
 //   l2_attention_cpu_blocked.h  the blocked kernels fwd_blocked, bwd_blocked, bwd2_blocked, which make
 //                               every product a batched BLAS GEMM and fuse the elementwise steps around
-//                               it, and win from head dim 32 up.
+//                               it, and win above.
 // Both kernels compute that math on the same layout of the inputs; l2_attention_cpu.cpp picks one by
-// head dim (python bench/bench_l2_attention.py --crossover measures both against the reference).
+// head dim (its kTiledMaxDim says where; python bench/bench_l2_attention.py --crossover measures both
+// against the reference).
 // The parts include nothing themselves: every library header is included here, before the variant's
 // target is pushed, so that no library code is compiled for a wider instruction set.
 //

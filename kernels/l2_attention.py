@@ -74,9 +74,10 @@ from torch.library import triton_op, wrap_triton
 from triton.runtime.errors import OutOfResources
 
 
-MAX_HEAD_DIM = 128
+from ..ops.backends import TRITON_DTYPES, TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM
+from ..ops.l2_attention_passes import register_autograd, register_vmap
+
 INTERPRET_BLOCK = 64  # tile size under TRITON_INTERPRET=1
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def interpreting() -> bool:
@@ -694,7 +695,7 @@ def check_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be (batch, heads, N, dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
+        if t.dtype not in TRITON_DTYPES:
             raise TypeError(f"triton l2_attention: {name} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
     if q.shape[:3] != v.shape[:3]:
         raise ValueError(f"q and v must agree in (batch, heads, N): got {tuple(q.shape)} and {tuple(v.shape)}")
@@ -711,3 +712,9 @@ def check_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
                              f"{name} has {t.shape[-1]} (use backend='reference')")
         if t.shape[-1] < 1:
             raise ValueError(f"{name} has an empty head dim: shape {tuple(t.shape)}")
+
+
+# Autograd and vmap of the three ops, registered as the ops are defined (calling torch.ops.acf.l2_attention_triton_*
+# directly differentiates as the public function does).
+register_autograd("l2_attention_triton")
+register_vmap("l2_attention_triton")

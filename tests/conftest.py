@@ -10,12 +10,16 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """The markers of pytest.ini, defined here once: ``gpu`` items are skipped without CUDA, ``needs_ext``
+    items without acf._C and its CPU kernels."""
+    from acf.ops.l2_attention import cpu_kernels_available
+
+    skips = {"gpu": None if torch.cuda.is_available() else "needs a CUDA device",
+             "needs_ext": None if cpu_kernels_available() else "acf._C (with its CPU kernels) not built"}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in skips.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)

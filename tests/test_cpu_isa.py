@@ -19,7 +19,6 @@ from acf.ops import l2_attention as F
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("avx512", "avx2", "baseline")  # widest first
 
-needs_ext = pytest.mark.skipif(not F.cpu_kernels_available(), reason="acf._C (CPU kernels) not built")
 
 
 def run_python(code: str, isa: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -34,12 +33,12 @@ def available() -> list[str]:
     return list(NAMES[NAMES.index(best):]) if best in NAMES else [best]
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_cpu_isa_names_a_variant():
     assert torch.ops.acf.cpu_isa() in NAMES + ("native",)  # "native": an ACF_NATIVE=1 build
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_unknown_variant_refused():
     if torch.ops.acf.cpu_isa() == "native":
         pytest.skip("an ACF_NATIVE=1 build has one variant")
@@ -53,7 +52,7 @@ SUBSET = ("extension_matches_fp64_reference and (2x2x17 or 1x3x100 or 3x4x49) or
           "or extension_saturated")
 
 
-@needs_ext
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("isa", NAMES)
 def test_variant_matches_fp64_reference(isa):
     """Forward, VJP and double VJP of each variant against the float64 reference

@@ -11,7 +11,6 @@ from acf.ops.fixed_point import ConvergenceError, FixedPointInfo, fixed_point_so
 from acf.ops.fixed_point import fixed_point_solve_reference as reference_solve
 
 EXT = _ext.available()
-needs_ext = pytest.mark.skipif(not EXT, reason="acf._C not built")
 BACKENDS = ["extension", "reference"] if EXT else ["reference"]
 
 
@@ -54,7 +53,7 @@ def test_fixed_point_random_contractions(backend, method, dtype):
             torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_anderson_extension_equals_torch_step(dtype):
     a = _linear_contraction(40, 0.95, dtype)
@@ -147,7 +146,7 @@ def test_fixed_point_bad_input():
             fixed_point_solve(lambda x: 0.5 * x, yh, backend="extension")
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_extension_step_errors():
     x, y = torch.randn(3, 4), torch.randn(3, 4)
     thr, res = torch.full((3,), 1e-6), torch.zeros(3)

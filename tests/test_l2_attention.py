@@ -43,7 +43,6 @@ elif DEV == "cpu" and not K.interpreting():
 else:
     NO_KERNELS = ""
 needs_kernels = pytest.mark.skipif(bool(NO_KERNELS), reason=NO_KERNELS)
-needs_ext = pytest.mark.skipif(not F.cpu_kernels_available(), reason="acf._C (CPU kernels) not built")
 # (B, H, N, d, e) of the fused kernels' tests: odd and non-power-of-two N, several head dims, e != d
 KERNEL_SHAPES = [(2, 2, 17, 4, 4), (1, 3, 100, 32, 20), (2, 1, 255, 16, 16), (1, 2, 64, 64, 8), (1, 1, 37, 128, 128)]
 
@@ -185,25 +184,25 @@ def assert_equals_reference(q, v, g, u, w, scale):
 EXTENSION_SHAPES = [(1, 1, 1, 4, 4)] + KERNEL_SHAPES + [(3, 4, 49, 8, 8), (2, 2, 196, 1, 3)]  # B*H up to 12
 
 
-@needs_ext
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("shape", EXTENSION_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_extension_matches_fp64_reference(shape):
     compare_all(*shape, torch.float32, cpu_fn)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_extension_saturated_softmax():
     """Large |q|: rows of P are nearly one-hot, where dS_kk is pure cancellation (difference form)."""
     compare_all(1, 2, 70, 16, 16, torch.float32, cpu_fn, spread=3.0)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("shape", [(1, 1, 1, 2, 2), (2, 3, 9, 3, 2), (1, 2, 33, 5, 7)], ids=str)
 def test_extension_fp64_equals_reference(shape):
     assert_equals_reference(*rand_inputs(*shape, torch.float64), 0.7)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_extension_gradcheck_and_gradgradcheck():
     q = torch.randn(2, 2, 11, 3, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 2, 11, 4, dtype=torch.float64, requires_grad=True)
@@ -211,7 +210,7 @@ def test_extension_gradcheck_and_gradgradcheck():
     assert torch.autograd.gradgradcheck(lambda a, b: cpu_fn(a, b, 0.6), (q, v))
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_extension_non_contiguous_inputs_and_third_order_refused():
     q = torch.randn(2, 9, 3, 4, dtype=torch.float64).transpose(1, 2).requires_grad_()  # (B, H, N, d) view
     v = torch.randn(2, 3, 9, 4, dtype=torch.float64).requires_grad_()
@@ -222,7 +221,7 @@ def test_extension_non_contiguous_inputs_and_third_order_refused():
         torch.autograd.grad(ddq.sum(), q)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_auto_uses_cpu_kernels_in_training():
     """A ResFlow block with L2 attention trains with the Neumann estimator on the CPU kernels
     (auto), and its parameter gradients equal the reference backend's for the same draw."""
@@ -251,7 +250,7 @@ def test_auto_uses_cpu_kernels_in_training():
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_extension_bad_input():
     q = torch.randn(1, 1, 5, 4)
     with pytest.raises(ValueError, match="'extension' needs CPU float32/float64"):
@@ -270,7 +269,7 @@ def test_extension_bad_input():
         torch.ops.acf.l2_attention_bwd2(x, x, o, lse, x, x[..., :3], x, 0.5)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_extension_nan_propagates(cpu_kernel):
     """A NaN query poisons its softmax column, hence every row: NaN out, as in the reference."""
     q, v = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
@@ -279,7 +278,7 @@ def test_extension_nan_propagates(cpu_kernel):
     assert torch.equal(out.isnan(), ref.isnan()) and out[0, 1].isnan().all() and not out[0, 0].isnan().any()
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_extension_forward_saves_no_n_by_n_matrix(cpu_kernel):
     """The forward keeps (q, v, O, lse): O(B H N (d + e)) memory; the backward recomputes P."""
     b, h, n, d = 2, 3, 200, 8
@@ -298,7 +297,7 @@ LAYOUTS = {  # (B, H, N, d) views of the same values with different strides
 }
 
 
-@needs_ext
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_extension_any_strides(layout, cpu_kernel):
     """The kernels read and write heads of any strides (outputs take the layout of their input)."""
@@ -308,7 +307,7 @@ def test_extension_any_strides(layout, cpu_kernel):
         assert cpu_fn(q, v, 0.4).stride() == v.stride()
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_auto_rule_by_head_dim_and_n():
     """auto takes the fused kernels on CPU at every head dim and N (measured faster than the reference)."""
     for n, d, e in [(49, 8, 8), (196, 16, 16), (196, 64, 64), (1024, 64, 64), (49, 128, 128), (196, 8, 64)]:
@@ -333,21 +332,21 @@ def cpu_kernel(request, monkeypatch):
     return request.param
 
 
-@needs_ext
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("shape", HEAD_DIM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_extension_every_head_dim_matches_fp64_reference(shape, cpu_kernel):
     """float32: output, VJP and double VJP within the tolerance rule of tests/attention_rule.py."""
     compare_all(*shape, torch.float32, cpu_fn)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_extension_each_head_dim_8_to_128(cpu_kernel):
     """Every head dim from 8 to 128 (values of another width), odd N, within the tolerance rule."""
     for d in range(8, 129):
         compare_all(1, 1, 13, d, d + 3 if d % 2 else d, torch.float32, cpu_fn)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("shape", [(1, 1, 1, 2, 2), (2, 3, 9, 3, 2), (1, 2, 33, 40, 7), (1, 1, 370, 9, 5),
                                    (6, 5, 7, 33, 17)], ids=str)
 def test_extension_kernels_fp64_equal_reference(shape, cpu_kernel):
@@ -355,7 +354,7 @@ def test_extension_kernels_fp64_equal_reference(shape, cpu_kernel):
     assert_equals_reference(*rand_inputs(*shape, torch.float64), 0.7)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_extension_kernels_gradcheck_and_gradgradcheck(cpu_kernel):
     q = torch.randn(2, 2, 11, 5, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 2, 11, 3, dtype=torch.float64, requires_grad=True)
@@ -363,7 +362,7 @@ def test_extension_kernels_gradcheck_and_gradgradcheck(cpu_kernel):
     assert torch.autograd.gradgradcheck(lambda a, b: cpu_fn(a, b, 0.6), (q, v))
 
 
-@needs_ext
+@pytest.mark.needs_ext
 def test_extension_kernel_choice_names_a_bad_value(monkeypatch):
     monkeypatch.setenv("ACF_L2_CPU_KERNEL", "fast")
     with pytest.raises(RuntimeError, match="ACF_L2_CPU_KERNEL=fast: expected auto, tiled or blocked"):

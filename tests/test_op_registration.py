@@ -20,7 +20,6 @@ from acf.ops.l2_attention import cpu_kernels_available, l2_attention, l2_attenti
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is first imported
 
-needs_ext = pytest.mark.skipif(not _ext.available(), reason="acf._C not built")
 needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels_available(), reason="acf._C's attention kernels not built")
 # (B*H, N, d, e): odd N, e != d, one head of one token
 HEADS = [(1, 1, 3, 3), (4, 11, 4, 5), (6, 37, 8, 8), (2, 64, 16, 3)]
@@ -52,7 +51,7 @@ def test_opcheck_l2_attention_cpu_ops(shape):
     _opcheck(torch.ops.acf.l2_attention_fwd.default, (qt, v.detach(), 0.3))
 
 
-@needs_ext
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("sizes", [((5, 4), (3, 2, 3, 3), (6, 6)), ((7, 7), (4, 4, 5, 5), (9, 5)), ((1, 9), (2, 3, 1, 1), (1, 1))])
 def test_opcheck_power_iteration(sizes):
     dense, kernel, hw = sizes
@@ -63,7 +62,7 @@ def test_opcheck_power_iteration(sizes):
         _opcheck(torch.ops.acf.power_iteration.default, (ws, us, vs, n_iter, tol, 50, 1, 0))
 
 
-@needs_ext
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("b,d", [(1, 1), (4, 7), (9, 33)])
 def test_opcheck_fixed_point_steps(b, d):
     x, gx, y = torch.randn(b, d), 0.1 * torch.randn(b, d), torch.randn(b, d)

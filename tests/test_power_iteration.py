@@ -9,7 +9,6 @@ from acf.layers.spectral_norm import SpectralConv2d, SpectralLinear, refresh_spe
 from acf.ops.power_iteration import power_iteration, spectral_norms
 
 EXT = _ext.available()
-needs_ext = pytest.mark.skipif(not EXT, reason="acf._C not built")
 BACKENDS = ["extension", "reference"] if EXT else ["reference"]
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (3, 5), (17, 13), (64, 64), (100, 37), (33, 130)]
@@ -26,7 +25,7 @@ def test_spectral_norms_match_matrix_norm(backend, dtype):
     torch.testing.assert_close(sig, ref, rtol=1e-4, atol=0)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("strategy", ["per_operator", "batched"])
 @pytest.mark.parametrize("mode", [{"n_iter": 0}, {"n_iter": 7}, {"tol": 1e-5}, {"tol": 1e-9}])
 def test_spectral_norms_extension_equals_reference(mode, strategy):
@@ -63,7 +62,7 @@ def test_conv_operator_norms(backend):
     torch.testing.assert_close(sig, torch.stack(dense), rtol=1e-4, atol=0)
 
 
-@needs_ext
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("strategy", ["per_operator", "batched"])
 @pytest.mark.parametrize("mode", [{"n_iter": 3}, {"tol": 1e-4}])
 def test_conv_extension_equals_reference_power_iteration(mode, strategy):

@@ -8,6 +8,7 @@ from typing import Optional, Union
 import matplotlib.pyplot as plt
 from tqdm import tqdm
 
+from ..runfolder import CHECKPOINT
 from ..evaluate import awgn_robustness
 from .convergence import convergence_runs
 from .measurements import load_trained
@@ -25,7 +26,7 @@ def run(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced", seeds
     ctx = start(NAME, out, scale, seeds, progress)
     rows = []
     for v, rec in tqdm(convergence_runs(ctx), desc="awgn", disable=not progress):
-        if not (rec.path / "checkpoint.pt").exists():
+        if not (rec.path / CHECKPOINT).exists():
             continue
         model, test = load_trained(rec)
         for r in awgn_robustness(model, test, ctx.scale.awgn_sigmas, ctx.scale.awgn_images, seed=0):

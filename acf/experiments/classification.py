@@ -9,6 +9,7 @@ from typing import Optional, Union
 import matplotlib.pyplot as plt
 import torch
 
+from ..runfolder import CHECKPOINT
 from ..data import ImageDataset, to_float
 from ..layers.block import ContractiveBlock
 from ..layers.flow import uniform_dequantize
@@ -56,7 +57,7 @@ def run(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced", seeds
             for seed in range(ctx.scale.seeds):
                 rec = ctx.run("classification", train_config(ctx.scale, Variant("iresnet", att), seed, "hybrid", data))
                 acc, n = None, None
-                if (rec.path / "checkpoint.pt").exists():
+                if (rec.path / CHECKPOINT).exists():
                     model, test = load_trained(rec)
                     torch.manual_seed(seed)
                     n = min(ctx.scale.classification_images, len(test))

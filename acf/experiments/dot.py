@@ -8,6 +8,7 @@ from typing import Optional, Union
 import matplotlib.pyplot as plt
 import torch
 
+from ..runfolder import CHECKPOINT
 from ..data import ImageDataset
 from ..evaluate import count_nonconverged
 from ..models import ACFModel
@@ -86,7 +87,7 @@ def run(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced", seeds
         for seed in range(ctx.scale.seeds):
             rec = ctx.run("convergence" if v in CONVERGENCE_VARIANTS else "dot", train_config(ctx.scale, v, seed))
             ident = {"attention": att, "seed": seed, "status": rec.status, "run": run_path(rec, ctx.root)}
-            loaded = load_trained(rec) if (rec.path / "checkpoint.pt").exists() else None
+            loaded = load_trained(rec) if (rec.path / CHECKPOINT).exists() else None
             facts = _training_facts(rec, loaded[0] if loaded else None)
             rows += [{**ident, "gamma": "trained", "measurement": k, "input_scale": None, "value": val}
                      for k, val in facts.items()]

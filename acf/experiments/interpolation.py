@@ -8,6 +8,7 @@ from typing import Optional, Union
 import matplotlib.pyplot as plt
 import torch
 
+from ..runfolder import CHECKPOINT
 from ..data import to_float
 from ..evaluate import count_nonconverged, interpolations
 from ..figures import image_grid
@@ -28,7 +29,7 @@ def run(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced", seeds
     s = ctx.scale
     rows, grids = [], {}
     for v, rec in convergence_runs(ctx):
-        if rec.cfg.seed != 0 or not (rec.path / "checkpoint.pt").exists():
+        if rec.cfg.seed != 0 or not (rec.path / CHECKPOINT).exists():
             continue
         model, test = load_trained(rec)
         torch.manual_seed(0)

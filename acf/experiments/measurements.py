@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..runfolder import CHECKPOINT
 from ..data import ImageDataset, to_float
 from ..evaluate import load_run, run_test_set
 from ..layers.attention import ATTENTIONS, attention_ablated, attention_layers
@@ -117,7 +118,7 @@ def attention_pull(model: ACFModel, images: torch.Tensor, batches: int = 4, batc
 
 def attention_columns(rec: RunRecord, scale: Scale) -> dict:
     """Mean and largest attention share (``attention_shares``) of a finished run on test images."""
-    if rec.cfg.attention is None or not (rec.path / "checkpoint.pt").exists():
+    if rec.cfg.attention is None or not (rec.path / CHECKPOINT).exists():
         return {}
     model, test = load_trained(rec)
     torch.manual_seed(0)

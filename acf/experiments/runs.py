@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm import tqdm
 
+from ..runfolder import CHECKPOINT
 from .. import runfolder
 from ..layers.attention import ATTENTIONS
 from ..train import NonFiniteLossError, TrainConfig, train
@@ -186,7 +187,7 @@ def run_key(cfg: TrainConfig) -> str:
 
 def _checkpoint(path: Path) -> Optional[dict]:
     """The run's checkpoint, loaded safely (``None`` when there is none yet)."""
-    ckpt = path / "checkpoint.pt"
+    ckpt = path / CHECKPOINT
     return runfolder.load_checkpoint(ckpt) if ckpt.exists() else None
 
 
@@ -211,7 +212,7 @@ def locate(root: Path, owner: str, key: str) -> Path:
     experiment's that does, else the owner's (new)."""
     own = root / owner / "runs" / key
     found = [own] + sorted(p for p in root.glob(f"*/runs/{key}") if p != own)
-    return next((p for p in found if (p / "checkpoint.pt").exists() or (p / SIDECAR).exists()), own)
+    return next((p for p in found if (p / CHECKPOINT).exists() or (p / SIDECAR).exists()), own)
 
 
 def is_numeric_blowup(exc: Exception) -> bool:

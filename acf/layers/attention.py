@@ -177,7 +177,7 @@ class L2MultiheadAttention(_ContractiveAttention):
                  weight: float | None = None, tokens: int = 0) -> None:
         super().__init__(channels, heads, form, weight, tokens)
         self.w_q, self.w_v, self.w_o = self._weight(channels), self._weight(channels), self._weight(channels)
-        self.backend = backend  # l2_attention backend: "auto", "triton", "sdpa" or "reference"
+        self.backend = backend  # the l2_attention backend (acf.ops.backends.BACKENDS)
 
     def bound(self, n: int) -> torch.Tensor:
         return l2_mha_lipschitz_bound(self.w_q, self.w_v, self.w_o, self.heads, n)

@@ -20,7 +20,11 @@ import torch
 from .. import _ext
 
 BACKENDS = ("auto", "reference", "extension", "triton", "sdpa")
-EXTENSION_DTYPES = (torch.float32, torch.float64)
+EXTENSION_DTYPES = (torch.float32, torch.float64)  # what acf._C's kernels take
+# What the Triton kernels take (kernels/l2_attention.py checks its inputs against these; ``auto``
+# dispatches on them).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_MAX_HEAD_DIM = 128
 
 
 def check_backend(backend: object, op: str, supported: Sequence[str]) -> str:

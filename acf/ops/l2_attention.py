@@ -14,7 +14,11 @@ SDPA on augmented vectors (``backend="sdpa"``, first order). Backend names: ``ac
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -22,7 +26,7 @@ from torch import Tensor
 
 from .. import _ext
 from .._checks import check_real, check_tensor
-from .backends import check_backend
+from .backends import EXTENSION_DTYPES, TRITON_DTYPES, TRITON_MAX_HEAD_DIM, check_backend
 from .l2_attention_passes import fused_l2_attention, register_autograd, register_vmap
 
 Backend = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -130,14 +134,11 @@ def l2_attention_extension(q: Tensor, v: Tensor, scale: float) -> Tensor:
     """``acf._C``'s per-head CPU kernels (float32 / float64; ``torch.ops.acf.l2_attention_fwd``),
     differentiable twice. The layer's column-major heads reach the kernels as views."""
     loaded = cpu_kernels_available()
-    if q.device.type != "cpu" or q.dtype not in _CPU_DTYPES or not loaded:
+    if q.device.type != "cpu" or q.dtype not in EXTENSION_DTYPES or not loaded:
         raise ValueError(f"l2_attention backend 'extension' needs CPU float32/float64 tensors and the compiled "
                          f"extension acf._C (got {q.dtype} on {q.device}; extension loaded: {loaded})")
     o = fused_l2_attention(q.reshape(-1, *q.shape[-2:]), v.reshape(-1, *v.shape[-2:]), "l2_attention", scale)
     return o.reshape(v.shape)
-
-
-_CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def cpu_kernels_available() -> bool:
@@ -164,19 +165,22 @@ def l2_attention_triton(q: Tensor, v: Tensor, scale: Optional[float] = None, pre
 
 
 def _triton_kernels():
-    """``acf.kernels.l2_attention`` (importing it defines the Triton ops), with autograd and vmap
-    registered once."""
-    global _TRITON_REGISTERED
-    from ..kernels import l2_attention as kernels  # imports triton
-
-    if not _TRITON_REGISTERED:
-        register_autograd("l2_attention_triton")
-        register_vmap("l2_attention_triton")
-        _TRITON_REGISTERED = True
+    """``acf.kernels.l2_attention`` (importing it defines the Triton ops with their autograd and vmap).
+    From a source checkout, where ``kernels/`` is not yet installed as ``acf.kernels``, the folder
+    beside the package is loaded under that name."""
+    try:
+        from ..kernels import l2_attention as kernels
+    except ModuleNotFoundError as exc:
+        source = Path(__file__).resolve().parents[2] / "kernels"
+        if exc.name != "acf.kernels" or not (source / "__init__.py").is_file():
+            raise
+        spec = importlib.util.spec_from_file_location("acf.kernels", source / "__init__.py",
+                                                      submodule_search_locations=[str(source)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["acf.kernels"] = package
+        spec.loader.exec_module(package)
+        from ..kernels import l2_attention as kernels
     return kernels
-
-
-_TRITON_REGISTERED = False
 
 
 _BACKENDS: dict[str, Backend] = {
@@ -188,31 +192,40 @@ _BACKENDS: dict[str, Backend] = {
 
 
 def triton_available() -> bool:
-    """True if Triton and the fused kernels import (cached)."""
+    """True if Triton and the fused kernels import (cached). Without Triton that is expected (False,
+    silently); with Triton installed, kernels that fail to import are a fault: one warning names it."""
     global _TRITON_OK
     if _TRITON_OK is None:
         try:
-            from ..kernels import l2_attention as _  # noqa: F401
-
+            _triton_kernels()
             _TRITON_OK = True
-        except Exception:  # no triton, or a triton too old for the kernels
+        except ModuleNotFoundError as exc:
+            if exc.name != "triton":
+                _warn_triton(exc)
+            _TRITON_OK = False
+        except Exception as exc:  # a triton too old for the kernels, a broken install
+            _warn_triton(exc)
             _TRITON_OK = False
     return _TRITON_OK
 
 
+def _warn_triton(exc: Exception) -> None:
+    warnings.warn(f"acf: Triton is installed but the fused attention kernels (acf.kernels.l2_attention) do not "
+                  f"import ({type(exc).__name__}: {exc}); l2_attention's 'auto' runs the reference on CUDA",
+                  RuntimeWarning, stacklevel=3)
+
+
 _TRITON_OK: Optional[bool] = None
 # What ``backend="auto"`` tests (``_auto_backend``; ``auto_rule`` says it in words).
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_MAX_HEAD_DIM = 128
 
 
 def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
     """The rule behind ``backend="auto"`` (``auto_rule()`` states it in words, from the same constants).
 
     * CUDA: ``"triton"`` (fused forward, VJP and double VJP) when Triton imports, the dtype is
-      one of ``_TRITON_DTYPES`` and both head dims are <= ``_TRITON_MAX_HEAD_DIM``; otherwise
+      one of ``TRITON_DTYPES`` and both head dims are <= ``TRITON_MAX_HEAD_DIM``; otherwise
       ``"reference"``.
-    * CPU, ``_CPU_DTYPES``, ``acf._C`` loaded: ``"extension"`` at every head dim; ``"reference"``
+    * CPU, ``EXTENSION_DTYPES``, ``acf._C`` loaded: ``"extension"`` at every head dim; ``"reference"``
       for half precision. The extension runs register-tiled kernels up to head dim 16 and blocked
       ones (batched BLAS products, elementwise steps fused in cache) above
       (``csrc/l2_attention_cpu.cpp``). Measured on one thread over a training step's mix (forward,
@@ -229,12 +242,12 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
     """
     if (
         q.is_cuda
-        and q.dtype in _TRITON_DTYPES
-        and max(q.shape[-1], v.shape[-1]) <= _TRITON_MAX_HEAD_DIM
+        and q.dtype in TRITON_DTYPES
+        and max(q.shape[-1], v.shape[-1]) <= TRITON_MAX_HEAD_DIM
         and triton_available()
     ):
         return "triton"
-    if q.device.type == "cpu" and q.dtype in _CPU_DTYPES and cpu_kernels_available():
+    if q.device.type == "cpu" and q.dtype in EXTENSION_DTYPES and cpu_kernels_available():
         return "extension"
     return "reference"
 
@@ -245,17 +258,17 @@ def auto_rule() -> str:
     def names(dtypes: tuple) -> str:
         return "/".join(str(t).replace("torch.", "") for t in dtypes)
 
-    return (f"on CUDA triton when Triton imports, the dtype is {names(_TRITON_DTYPES)} and both head dims are <= "
-            f"{_TRITON_MAX_HEAD_DIM}; on CPU the extension (acf._C) at every head dim when it is loaded and the dtype "
-            f"is {names(_CPU_DTYPES)}; else the reference")
+    return (f"on CUDA triton when Triton imports, the dtype is {names(TRITON_DTYPES)} and both head dims are <= "
+            f"{TRITON_MAX_HEAD_DIM}; on CPU the extension (acf._C) at every head dim when it is loaded and the dtype "
+            f"is {names(EXTENSION_DTYPES)}; else the reference")
 
 
 def auto_backend_summary(device: torch.device) -> str:
     """What ``backend="auto"`` runs on ``device`` for float32, in words (``acf info``), read off
     ``_auto_backend`` itself at a small head dim and just above the Triton kernels' limit."""
     small, large = (_auto_backend(t, t) for t in (torch.empty(1, 1, 1, d, device=device)
-                                                  for d in (1, _TRITON_MAX_HEAD_DIM + 1)))
-    return small if small == large else f"{small} (head dim <= {_TRITON_MAX_HEAD_DIM}; {large} above)"
+                                                  for d in (1, TRITON_MAX_HEAD_DIM + 1)))
+    return small if small == large else f"{small} (head dim <= {TRITON_MAX_HEAD_DIM}; {large} above)"
 
 
 def _select_backend(q: torch.Tensor, backend: str, v: Optional[torch.Tensor] = None) -> Backend:

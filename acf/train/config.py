@@ -9,17 +9,16 @@ from pathlib import Path
 from typing import Optional
 
 from .. import runfolder
+from ..runfolder import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES  # noqa: F401 (re-exported)
 from .._checks import check_choice, check_int, check_optional_str, check_real, parse_device
 from ..data import DATASETS, DEFAULT_DATASET
 from ..layers.logdet import DEFAULT_MAX_TERMS, GRADS, LogdetEstimator
 from ..models import (ARCHS, ATTENTION_CHOICES, ATTENTION_SETTINGS, PRESETS, ACFModel, AttentionSettings, ModelConfig,
                       model_config)
 
-CONFIG, CHECKPOINT = "config.json", "checkpoint.pt"
 TASKS = ("density", "hybrid")  # hybrid: bits/dim + cross-entropy of a linear head on z
 LR_SCHEDULES = ("constant", "cosine")
 CONFIG_SECTIONS = ("train", "model", "world_size", "warning")  # of config.json; "train" is read back, the rest a record
-SAMPLE_TEMPERATURES = (0.5, 0.7, 0.85, 1.0)  # samples.png (`acf train`, `acf sample`): a row block per temperature
 
 
 @dataclass(frozen=True)

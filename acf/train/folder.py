@@ -6,7 +6,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import runfolder
-from .config import CHECKPOINT, CONFIG, TrainConfig, config_diff, read_run_config
+from ..runfolder import CHECKPOINT, CONFIG
+from .config import TrainConfig, config_diff, read_run_config
 
 
 def check_folder(run: Path, cfg: TrainConfig, resume: bool) -> None:

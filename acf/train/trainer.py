@@ -24,7 +24,8 @@ from ..errors import ACFError
 from ..layers.block import CertificateError, certified_bounds, uncertified_warning
 from ..layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from ..models import ACFModel
-from .config import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES, TrainConfig, build_for, config_diff
+from ..runfolder import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES
+from .config import TrainConfig, build_for, config_diff
 from .folder import check_folder
 
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")
