@@ -58,7 +58,8 @@ from ..layers.logdet import LogdetEstimator
 from ..train import TrainConfig, build_for
 from ..data import load_dataset, to_float
 from .probes import attention_pull, attention_shares, attention_weights
-from .runs import DEFAULT_OUT, Context, Experiment, PathLike, Scale, ensure_run, finish, locate, run_key, run_path, start
+from .runs import (DEFAULT_OUT, Context, Experiment, PathLike, Scale, ensure_run, finish, get_scale, locate, run_key,
+                   run_path, start)
 from .tables import group, markdown_table
 
 NAME = "attention"
