@@ -64,12 +64,12 @@ def attention_shares(model: ACFModel, x: torch.Tensor) -> list[float]:
         xt = inputs[0].flatten(2)
         w = float(layer.attention_weight().detach())
         ident = 1.0 if layer.form == "residual" else math.sqrt(max(1.0 - w * w, 0.0))
-        shares.append(abs(w) * float(layer.attention(xt).norm()) / max(ident * float(xt.norm()), 1e-30))
+        shares.append(abs(w) * float(layer.attention(xt).detach().norm()) / max(ident * float(xt.norm()), 1e-30))
 
     def block_share(block: torch.nn.Module, inputs: tuple) -> None:
         with attention_ablated(block.g):  # what g is without its attention: its output convolution's bias
             rest = block.g(inputs[0])
-        shares.append(float((block.g(inputs[0]) - rest).norm() / inputs[0].norm().clamp_min(1e-30)))
+        shares.append(float((block.g(inputs[0]) - rest).detach().norm() / inputs[0].norm().clamp_min(1e-30)))
 
     handles = [m.register_forward_pre_hook(layer_share) for m in attention_layers(model) if m.form != "normalized"]
     handles += [b.register_forward_pre_hook(block_share) for b in model.modules()
