@@ -153,18 +153,30 @@ def test_resume_refuses_another_configuration(tmp_path):
         train(TrainConfig(**TINY), tmp_path / "empty", resume=True, progress=False)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "decay"])
 def test_learning_rate_schedule(tmp_path, schedule):
-    """Linear warm-up over 3 steps, then constant or (1 + cos(pi t)) / 2 with t the fraction of the
-    7 remaining steps done: the rate each optimizer step used."""
+    """Linear warm-up over 3 steps, then constant, (1 + cos(pi t)) / 2 with t the fraction of the
+    7 remaining steps done, or constant with a linear fall over the last round(0.25 * 10) = 2 steps:
+    the rate each optimizer step used."""
     cfg = TrainConfig(**{**TINY, "steps": 10, "warmup": 3, "lr": 0.01, "eval_every": 10, "lr_schedule": schedule})
     trainer = Trainer(cfg, tmp_path)
     used = []
     for _ in range(cfg.steps):
         used.append(trainer.opt.param_groups[0]["lr"])
         trainer.train_step()
-    after = [1.0] * 7 if schedule == "constant" else [0.5 * (1 + math.cos(math.pi * t / 7)) for t in range(7)]
+    after = {"constant": [1.0] * 7, "decay": [1.0] * 6 + [0.5],
+             "cosine": [0.5 * (1 + math.cos(math.pi * t / 7)) for t in range(7)]}[schedule]
     assert used == pytest.approx([0.01 * f for f in [1 / 3, 2 / 3, 1.0] + after], rel=1e-12)
+
+
+def test_evaluating_does_not_change_the_training(tmp_path, uninterrupted):
+    """Evaluations draw from their own generator: the TINY run evaluated at every step ends with the
+    weights of the one evaluated every second step, and two evaluations of one model agree."""
+    trainer = train(TrainConfig(**{**TINY, "eval_every": 1}), tmp_path / "run", progress=False)
+    reference = torch.load(uninterrupted, weights_only=True)["model"]
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    assert trainer.evaluate(16) == trainer.evaluate(16)
 
 
 def test_run_older_than_a_setting_resumes_with_its_old_value(tmp_path, uninterrupted):

@@ -17,7 +17,8 @@ from ..models import (ARCHS, ATTENTION_CHOICES, ATTENTION_SETTINGS, PRESETS, ACF
                       model_config)
 
 TASKS = ("density", "hybrid")  # hybrid: bits/dim + cross-entropy of a linear head on z
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "decay")
+DECAY_FRACTION = 0.25  # "decay": the learning rate falls linearly to 0 over this last fraction of the steps
 CONFIG_SECTIONS = ("train", "model", "world_size", "warning")  # of config.json; "train" is read back, the rest a record
 
 

@@ -25,10 +25,11 @@ from ..layers.block import CertificateError, certified_bounds, uncertified_warni
 from ..layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from ..models import ACFModel
 from ..runfolder import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES
-from .config import TrainConfig, build_for, config_diff
+from .config import DECAY_FRACTION, TrainConfig, build_for, config_diff
 from .folder import check_folder
 
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")
+EVALUATION_SEED = 0  # the evaluations' own random stream (Trainer.evaluate)
 
 
 class NonFiniteLossError(ACFError, RuntimeError):
@@ -37,12 +38,16 @@ class NonFiniteLossError(ACFError, RuntimeError):
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based) over ``cfg.lr``: a linear warm-up over
-    ``cfg.warmup`` steps, then 1 (``"constant"``) or ``(1 + cos(pi t)) / 2`` with ``t`` the fraction of
-    the remaining steps done (``"cosine"``; a run extended by ``--resume --steps`` continues on the
-    schedule of its new length)."""
+    ``cfg.warmup`` steps, then 1 (``"constant"``), ``(1 + cos(pi t)) / 2`` with ``t`` the fraction of
+    the remaining steps done (``"cosine"``), or 1 until the last ``DECAY_FRACTION`` of the steps and a
+    linear fall towards 0 over them (``"decay"``). A run extended by ``--resume --steps`` continues on
+    the schedule of its new length."""
     warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
     if cfg.lr_schedule == "constant" or step < cfg.warmup:
         return warm
+    if cfg.lr_schedule == "decay":
+        tail = max(1, round(DECAY_FRACTION * cfg.steps))
+        return min(1.0, (cfg.steps - step) / tail)
     t = min(1.0, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
@@ -161,7 +166,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, n: Optional[int] = None) -> tuple[float, Optional[float]]:
-        """Test bits/dim (and accuracy for hybrid models) of the EMA model on the first ``n`` test images."""
+        """Test bits/dim (and accuracy for hybrid models) of the EMA model on the first ``n`` test images.
+        The dequantisation noise and log-det draws come from a generator of their own, seeded with
+        ``EVALUATION_SEED`` at every evaluation: evaluating never moves the training's random stream (so
+        ``eval_every`` does not change the trajectory), and every evaluation draws the same noise."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(EVALUATION_SEED)
+            return self._evaluate(n)
+
+    def _evaluate(self, n: Optional[int]) -> tuple[float, Optional[float]]:
         model = self.evaluated_model()
         n = len(self.test_set) if n is None else min(n, len(self.test_set))
         bpds, correct = [], 0
