@@ -34,7 +34,8 @@ ATTENTION_CHOICES = (None, *ATTENTIONS)  # None: no attention
 # How attention joins the flow (docs/design.md, section 3), and the initial weight of its path
 # (``gamma_init=None``): inside each branch, as eq. 13 normalised ("residual", the paper's) or as a
 # quadrature channel concatenation ("quadrature"); or as gated attention blocks of their own after
-# each residual block of a stage ("gated").
+# each residual block of a stage ("gated": in the attention protocol of docs/RESULTS.md the only
+# certified form whose attention the trained flow uses).
 ATTENTION_FORMS = {"residual": LAYER_FORMS["residual"], "quadrature": LAYER_FORMS["quadrature"], "gated": GATED_WEIGHT}
 
 
@@ -43,7 +44,7 @@ class AttentionSettings:
     """How attention joins the flow: the settings a model (``ModelConfig``) and a training run
     (``TrainConfig``: ``acf train --attention-form`` ...) share, declared and checked here once."""
 
-    attention_form: str = "residual"  # one of ATTENTION_FORMS
+    attention_form: str = "residual"  # one of ATTENTION_FORMS (gated: the one the flow uses, docs/RESULTS.md)
     attention_scales: Optional[tuple[int, ...]] = None  # the stages (0 = first) with attention; None: all
     gamma_init: Optional[float] = None  # initial weight of the attention path; None: the form's default
     delta_max: float = DEFAULT_DELTA_MAX  # "l2-tight" attention: logit range, ball radius, head layout

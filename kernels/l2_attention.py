@@ -131,8 +131,16 @@ def _logits(q, kT, sqi, sqj, scale, PRECISION: tl.constexpr):
 
     Every pass computes its tiles with this same call, on (rows, cols) operands of the same
     orientation and the same saved ``|q|^2``, so that P recomputed in a backward pass matches
-    the forward bit for bit (a transposed product rounds differently)."""
-    dot = tl.dot(q, kT, input_precision=PRECISION, out_dtype=sqj.dtype)
+    the forward bit for bit (a transposed product rounds differently).
+
+    With TF32 products ("tf32") this one product runs as "tf32x3" (three TF32 products, about fp32
+    accurate): every P_ij inherits its logit's error through exp, and a single TF32 rounding of the
+    inputs put the output's error at 2.8x the TF32 PyTorch reference's (measured on an H200 at
+    N = 1000, d = 32: 6.3e-3 against 2.3e-3; with "tf32x3" 3.8e-6). The other products stay TF32."""
+    if PRECISION == "tf32":
+        dot = tl.dot(q, kT, input_precision="tf32x3", out_dtype=sqj.dtype)
+    else:
+        dot = tl.dot(q, kT, input_precision=PRECISION, out_dtype=sqj.dtype)
     return scale * ((2.0 * dot - sqj[None, :]) - sqi[:, None])
 
 
@@ -542,12 +550,15 @@ def _configs(kind: str, n: int, bd: int, be: int, dtype: torch.dtype, prec: Opti
     half = dtype in (torch.float16, torch.bfloat16)
     st = 3 if half else 2
     w = 4 if wide <= 64 else 8
+    # Half-precision tiles: measured by bench/gpu_tune.py on an H200 (bf16, d = 32, N = 1024 and
+    # 4096; bench/results/2026-12-04-h200-tune.json): fwd 64x64 and row 64x32 with 4 stages were the
+    # fastest of 6-7 candidates each (fwd -16%, VJP -13% at N = 4096 against 128x64 and 128x32).
     if kind == "fwd":
-        first = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=w, num_stages=st)]
+        first = [dict(BLOCK_M=64 if half else 128, BLOCK_N=64, num_warps=w, num_stages=st)]
     elif kind == "col":  # holds BLOCK_N keys, loops over BLOCK_M queries
         first = [dict(BLOCK_M=32, BLOCK_N=128 if half else 64, num_warps=w, num_stages=st)]
     elif kind == "row":  # holds BLOCK_M queries, loops over BLOCK_N keys
-        first = [dict(BLOCK_M=128 if half else 64, BLOCK_N=32, num_warps=w, num_stages=st)]
+        first = [dict(BLOCK_M=64, BLOCK_N=32, num_warps=w, num_stages=4 if half else st)]
     else:  # second-order passes: more live tiles
         first = [dict(BLOCK_M=64, BLOCK_N=64 if wide <= 64 else 32, num_warps=w, num_stages=2)]
     return first + [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),

@@ -218,7 +218,8 @@ def test_pull_is_the_derivative_of_the_loss_along_each_part():
     """attention_pull's dL/da and dL/db against central finite differences of the loss (float64, exact log-det)."""
     torch.manual_seed(0)
     model = acf.build_model("resflow", "l2-tight", 2, (1, 4, 4), n_scales=1, blocks_per_scale=2, hidden=8,
-                            squeeze_first=False, estimator=LogdetEstimator(method="exact"), gamma_init=0.3).double()
+                            squeeze_first=False, estimator=LogdetEstimator(method="exact"), attention_form="residual",
+                            gamma_init=0.3).double()
     images = torch.rand(8, 1, 4, 4, dtype=torch.float64)
     model(images)  # ActNorm initialisation
     torch.manual_seed(5)

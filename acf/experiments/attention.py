@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -47,7 +46,6 @@ from typing import Optional, Union
 
 import matplotlib.pyplot as plt
 import torch
-from scipy import stats
 
 from .. import runfolder
 from ..evaluate import bits_per_dim_per_image, load_run, run_test_set
@@ -60,10 +58,11 @@ from ..data import load_dataset, to_float
 from .measurements import attention_pull, attention_shares, attention_weights
 from .runs import (DEFAULT_OUT, Context, Experiment, PathLike, Scale, ensure_run, finish, get_scale, locate, run_key,
                    run_path, start)
+from .attention_stats import (EQUIVALENCE, _cell, _last, _mean, best_attention_arm, equal_time_step,  # noqa: F401
+                              equivalent, interval, paired, verdict)
 from .tables import group, markdown_table
 
 NAME = "attention"
-EQUIVALENCE = 0.005  # bits/dim: the margin of the decision rule and of the equivalence test (TOST)
 MEASURED = "attention_measurements.json"  # per run folder: the measurements at each evaluated step
 
 # Stage A: (arm, role, training settings over STAGE_A_SETTINGS); "baseline-wide" gets its hidden width
@@ -83,11 +82,13 @@ ARMS_A: tuple[tuple[str, str, dict], ...] = (
     ("coupling", "reference", {"arch": "coupling"}),
     ("coupling+attention", "reference", {"arch": "coupling", "attention": "dot"}),
 )
+# attention_form: the arms without attention (and the coupling reference) keep the form they were keyed
+# with; the attention arms name theirs.
 STAGE_A_SETTINGS = dict(data="digits", preset="cpu", model={"squeeze_first": False}, batch_size=32, lr=2e-3,
-                        warmup=50, lr_schedule="constant", ema_decay=0.99, eval_size=64)
+                        warmup=50, lr_schedule="constant", ema_decay=0.99, eval_size=64, attention_form="residual")
 STAGE_TEXT = {"A": "8x8 digits, exact log-det", "B": "MNIST-5k 28x28, the estimator with common random numbers"}
 STAGE_B_SETTINGS = dict(data="mnist5k", preset="cpu", batch_size=32, lr=2e-3, warmup=50, lr_schedule="constant",
-                        ema_decay=0.99, eval_size=64)
+                        ema_decay=0.99, eval_size=64, attention_form="residual")
 
 
 @dataclass(frozen=True)
@@ -271,103 +272,12 @@ def run(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced", seeds
     seeds_a, seeds_b = s.protocol_seeds
     arms = stage_arms("A", STAGE_A_SETTINGS, ARMS_A, steps)
     rows = _stage(ctx, "A", arms, seeds_a, exact=True, images=s.protocol_images, jobs=jobs)
-    best = best_attention_arm(rows)
-    b_arms = [(n, role, extra) for n, role, extra in ARMS_A if n in ("baseline-wide", best)]
-    arms_b = stage_arms("B", STAGE_B_SETTINGS, tuple(b_arms), steps)
-    rows += _stage(ctx, "B", arms_b, seeds_b, exact=False, images=s.protocol_images_b, jobs=jobs)
+    if seeds_b > 0:  # a scale with no stage-B seeds stops after stage A
+        best = best_attention_arm(rows)
+        b_arms = [(n, role, extra) for n, role, extra in ARMS_A if n in ("baseline-wide", best)]
+        arms_b = stage_arms("B", STAGE_B_SETTINGS, tuple(b_arms), steps)
+        rows += _stage(ctx, "B", arms_b, seeds_b, exact=False, images=s.protocol_images_b, jobs=jobs)
     return finish(ctx, rows, markdown, plot)
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics and the decision
-# ---------------------------------------------------------------------------------------------
-
-def paired(rows: list[dict], stage: str, arm: str, arm_step: Optional[int], baseline: str = "baseline-wide",
-           base_step: Optional[int] = None, key: str = "test_bpd") -> list[float]:
-    """Per seed: ``key`` of ``arm`` at ``arm_step`` minus the baseline's at ``base_step`` (default: the
-    same step); ``arm_step=None``: the arm's last checkpoint."""
-    def at(name: str, step: Optional[int]) -> dict[int, float]:
-        runs = [r for r in rows if r["stage"] == stage and r["arm"] == name and r.get(key) is not None]
-        if step is None:
-            step = max((r["step"] for r in runs if not r.get("equal_time_for")), default=None)
-        return {r["seed"]: r[key] for r in runs if r["step"] == step}
-
-    a = at(arm, arm_step)
-    b = at(baseline, base_step if base_step is not None else (arm_step or _last(rows, stage, arm)))
-    return [a[s] - b[s] for s in sorted(a) if s in b]
-
-
-def _last(rows: list[dict], stage: str, arm: str) -> Optional[int]:
-    return max((r["step"] for r in rows if r["stage"] == stage and r["arm"] == arm and not r.get("equal_time_for")),
-               default=None)
-
-
-def equal_time_step(rows: list[dict], stage: str, arm: str) -> Optional[int]:
-    """The step ``baseline-wide`` reaches in the time ``arm`` takes for its last checkpoint."""
-    for r in rows:
-        if r["stage"] == stage and r["arm"] == "baseline-wide" and arm in str(r.get("equal_time_for") or "").split(","):
-            return r["step"]
-    return None
-
-
-def interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and the two-sided t interval at ``level`` (NaN for fewer than two values)."""
-    if len(diffs) < 2:
-        return (diffs[0] if diffs else math.nan), math.nan, math.nan
-    mean, se = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-    half = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * se
-    return mean, mean - half, mean + half
-
-
-def equivalent(diffs: list[float], margin: float = EQUIVALENCE) -> Optional[bool]:
-    """TOST at the 5% level: the 90% interval of the mean difference lies inside ``(-margin, margin)``."""
-    _, low, high = interval(diffs, 0.90)
-    return None if math.isnan(low) else (-margin < low and high < margin)
-
-
-def best_attention_arm(rows: list[dict], stage: str = "A") -> str:
-    """The certified attention arm with the lowest mean paired difference at equal wall-clock."""
-    def score(arm: str) -> float:
-        diffs = paired(rows, stage, arm, None, base_step=equal_time_step(rows, stage, arm))
-        return statistics.fmean(diffs) if diffs else math.inf
-    arms = sorted({r["arm"] for r in rows if r["stage"] == stage and r["role"] == "attention"})
-    return min(arms, key=score)
-
-
-def _cell(diffs: list[float]) -> str:
-    mean, low, high = interval(diffs)
-    if math.isnan(low):
-        return "n/a" if not diffs else f"{mean:+.4f} (n=1)"
-    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={len(diffs)})"
-
-
-def _mean(rows: list[dict], key: str, spec: str = ".4f") -> str:
-    vals = [r[key] for r in rows if r.get(key) is not None]
-    return format(statistics.fmean(vals), spec) if vals else ""
-
-
-def verdict(rows: list[dict]) -> dict:
-    """The decision rule of the protocol, from the rows (see the module docstring)."""
-    out: dict = {}
-    for stage in sorted({r["stage"] for r in rows}):
-        arms = sorted({r["arm"] for r in rows if r["stage"] == stage and r["role"] == "attention"})
-        for arm in arms:
-            diffs = paired(rows, stage, arm, None, base_step=equal_time_step(rows, stage, arm))
-            _, low, high = interval(diffs)
-            last = [r for r in rows if r["stage"] == stage and r["arm"] == arm and r["step"] == _last(rows, stage, arm)]
-            share = statistics.fmean(r["attention_share"] for r in last if r.get("attention_share") is not None) \
-                if any(r.get("attention_share") is not None for r in last) else math.nan
-            knock = statistics.fmean(r["knockout_cost"] for r in last if r.get("knockout_cost") is not None) \
-                if any(r.get("knockout_cost") is not None for r in last) else math.nan
-            gain = -statistics.fmean(diffs) if diffs else math.nan
-            out[f"{stage}:{arm}"] = {"success": bool(high < -EQUIVALENCE and share >= 1e-2 and knock >= gain),
-                                     "equivalent": equivalent(diffs), "interval": (low, high), "share": share,
-                                     "knockout": knock}
-    control = paired(rows, "A", "control+gated", None, baseline="control")
-    out["control"] = {"passes": bool(control and interval(control)[2] < 0), "diffs": control}
-    reference = paired(rows, "A", "coupling+attention", None, baseline="coupling")
-    out["reference"] = {"attention_helps": bool(reference and interval(reference)[2] < 0), "diffs": reference}
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,8 +308,10 @@ def markdown(ctx: Context, rows: list[dict]) -> str:
              f"to the flow in the residual (paper), quadrature or gated form, lower bits/dim against a parameter-matched "
              f"baseline at equal wall-clock? With a positive control and an uncertified reference.\n\nScale "
              f"`{sc.name}`: every run {sc.steps} Adam steps of batch {sc.batch_size} (evaluated at steps "
-             f"{', '.join(map(str, sc.protocol_steps))}), seeds 0-{sc.protocol_seeds[0] - 1} (stage A) and "
-             f"0-{sc.protocol_seeds[1] - 1} (stage B); test bits/dim of the EMA weights. Generated by `acf experiment "
+             f"{', '.join(map(str, sc.protocol_steps))}), "
+             + " and ".join(f"seeds 0-{max(r['seed'] for r in rows if r['stage'] == st)} (stage {st})"
+                            for st in sorted({r["stage"] for r in rows}))
+             + f"; test bits/dim of the EMA weights. Generated by `acf experiment "
              f"attention --scale {sc.name}` from `attention.csv` ({(ctx.date or datetime.date.today().isoformat())[:10]})."]
     for stage in sorted({r["stage"] for r in rows}):
         srows = [r for r in rows if r["stage"] == stage]

@@ -159,7 +159,9 @@ class RunRecord:
 # The optimisation and model settings of every experiment, fixed here rather than taken from
 # TrainConfig's defaults (those are `acf train`'s default run, tuned for its own budget), so that the
 # published tables and their runs stay reproducible when the default run changes.
-EXPERIMENT_SETTINGS = {"preset": "cpu", "lr": 1e-3, "lr_schedule": "constant", "ema_decay": 0.999, "logit_alpha": 1e-6}
+# Attention joins as in the paper (eq. 13, "residual").
+EXPERIMENT_SETTINGS = {"preset": "cpu", "lr": 1e-3, "lr_schedule": "constant", "ema_decay": 0.999, "logit_alpha": 1e-6,
+                       "attention_form": "residual"}
 
 
 def train_config(scale: Scale, variant: Variant, seed: int, task: str = "density",
