@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from acf.kernels import l2_attention as K  # noqa: E402
+from gpu_check import timeit  # noqa: E402 (bench/ is on the path when this file runs)
 from acf.ops.l2_attention import l2_attention_reference  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kind; the shipped first choice is measured too.
@@ -67,20 +68,6 @@ def run_kind(kind: str, q, v, g, scale: float):
         return o
     dq, dv, _ = K._bwd(q, v, sq, o, lse, g, scale, "ieee")
     return dv if kind == "col" else dq
-
-
-def median_ms(fn, reps: int = 7) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def all_configs() -> list[tuple[str, tuple, tuple]]:
@@ -164,7 +151,7 @@ def main() -> int:
             o, lse, sq = K._fwd(q, v, d ** -0.5, "ieee")
             fn = (lambda: K._fwd(q, v, d ** -0.5, "ieee")) if kind == "fwd" else \
                 (lambda: K._bwd(q, v, sq, o, lse, g, d ** -0.5, "ieee"))
-            row["ms"] = median_ms(fn)
+            row["ms"] = timeit(fn)
         except Exception as exc:  # noqa: BLE001
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         result["rows"].append(row)

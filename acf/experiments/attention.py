@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -58,8 +59,7 @@ from ..data import load_dataset, to_float
 from .measurements import attention_pull, attention_shares, attention_weights
 from .runs import (DEFAULT_OUT, Context, Experiment, PathLike, Scale, ensure_run, finish, get_scale, locate, run_key,
                    run_path, start)
-from .attention_stats import (EQUIVALENCE, _cell, _last, _mean, best_attention_arm, equal_time_step,  # noqa: F401
-                              equivalent, interval, paired, verdict)
+from .attention_stats import EQUIVALENCE, best_attention_arm, equal_time_step, interval, last_step, paired, verdict
 from .tables import group, markdown_table
 
 NAME = "attention"
@@ -284,6 +284,18 @@ def run(out: PathLike = DEFAULT_OUT, scale: Union[str, Scale] = "reduced", seeds
 # Outputs
 # ---------------------------------------------------------------------------------------------
 
+def _cell(diffs: list[float]) -> str:
+    mean, low, high = interval(diffs)
+    if math.isnan(low):
+        return "n/a" if not diffs else f"{mean:+.4f} (n=1)"
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={len(diffs)})"
+
+
+def _mean(rows: list[dict], key: str, spec: str = ".4f") -> str:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return format(statistics.fmean(vals), spec) if vals else ""
+
+
 def verdict_lines(v: dict) -> list[str]:
     """The decision, one line per attention arm and per check."""
     lines = []
@@ -319,7 +331,7 @@ def markdown(ctx: Context, rows: list[dict]) -> str:
         parts.append(f"\n\n**Stage {stage}**, {STAGE_TEXT[stage]}: the last checkpoint of every arm, paired by seed.\n\n")
         body = []
         for arm in arms:
-            last = [r for r in srows if r["arm"] == arm and r["step"] == _last(srows, stage, arm)]
+            last = [r for r in srows if r["arm"] == arm and r["step"] == last_step(srows, stage, arm)]
             role = last[0]["role"]
             base = {"attention": "baseline-wide", "control": "control", "reference": "coupling"}.get(role)
             same = paired(srows, stage, arm, None, baseline=base) if base and base != arm else []

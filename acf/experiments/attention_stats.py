@@ -22,11 +22,12 @@ def paired(rows: list[dict], stage: str, arm: str, arm_step: Optional[int], base
         return {r["seed"]: r[key] for r in runs if r["step"] == step}
 
     a = at(arm, arm_step)
-    b = at(baseline, base_step if base_step is not None else (arm_step or _last(rows, stage, arm)))
+    b = at(baseline, base_step if base_step is not None else (arm_step or last_step(rows, stage, arm)))
     return [a[s] - b[s] for s in sorted(a) if s in b]
 
 
-def _last(rows: list[dict], stage: str, arm: str) -> Optional[int]:
+def last_step(rows: list[dict], stage: str, arm: str) -> Optional[int]:
+    """The last checkpoint of ``arm`` (not counting the equal-time extensions of the baseline)."""
     return max((r["step"] for r in rows if r["stage"] == stage and r["arm"] == arm and not r.get("equal_time_for")),
                default=None)
 
@@ -63,18 +64,6 @@ def best_attention_arm(rows: list[dict], stage: str = "A") -> str:
     return min(arms, key=score)
 
 
-def _cell(diffs: list[float]) -> str:
-    mean, low, high = interval(diffs)
-    if math.isnan(low):
-        return "n/a" if not diffs else f"{mean:+.4f} (n=1)"
-    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={len(diffs)})"
-
-
-def _mean(rows: list[dict], key: str, spec: str = ".4f") -> str:
-    vals = [r[key] for r in rows if r.get(key) is not None]
-    return format(statistics.fmean(vals), spec) if vals else ""
-
-
 def verdict(rows: list[dict]) -> dict:
     """The decision rule of the protocol, from the rows (see the module docstring)."""
     out: dict = {}
@@ -83,7 +72,7 @@ def verdict(rows: list[dict]) -> dict:
         for arm in arms:
             diffs = paired(rows, stage, arm, None, base_step=equal_time_step(rows, stage, arm))
             _, low, high = interval(diffs)
-            last = [r for r in rows if r["stage"] == stage and r["arm"] == arm and r["step"] == _last(rows, stage, arm)]
+            last = [r for r in rows if r["stage"] == stage and r["arm"] == arm and r["step"] == last_step(rows, stage, arm)]
             share = statistics.fmean(r["attention_share"] for r in last if r.get("attention_share") is not None) \
                 if any(r.get("attention_share") is not None for r in last) else math.nan
             knock = statistics.fmean(r["knockout_cost"] for r in last if r.get("knockout_cost") is not None) \
