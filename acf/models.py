@@ -44,7 +44,7 @@ class AttentionSettings:
     """How attention joins the flow: the settings a model (``ModelConfig``) and a training run
     (``TrainConfig``: ``acf train --attention-form`` ...) share, declared and checked here once."""
 
-    attention_form: str = "residual"  # one of ATTENTION_FORMS (gated: the one the flow uses, docs/RESULTS.md)
+    attention_form: str = "gated"  # one of ATTENTION_FORMS (gated: the one the flow uses, docs/RESULTS.md)
     attention_scales: Optional[tuple[int, ...]] = None  # the stages (0 = first) with attention; None: all
     gamma_init: Optional[float] = None  # initial weight of the attention path; None: the form's default
     delta_max: float = DEFAULT_DELTA_MAX  # "l2-tight" attention: logit range, ball radius, head layout

@@ -22,6 +22,12 @@ scales x 2 blocks) with 4 fully connected blocks and ``hidden`` 64, 128 and 256 
 (head dims 16, 32, 64), batch 32, the memory-efficient log-det gradient; variants ``h<hidden>:none``,
 ``h<hidden>:l2-cpu`` and ``h<hidden>:l2-tight-cpu`` (``auto``'s kernels), each compared with the
 ``none`` step of its own width (``--out-widths`` writes that table).
+
+``--full-resolution`` adds the paper's layout, in the same rounds: as ``--widths`` but without the
+first squeeze, so the two blocks of the first stage attend over all 784 pixels of an MNIST image (196
+in the second stage); variants ``f<hidden>:none``, ``f<hidden>:l2-cpu`` and ``f<hidden>:l2-tight-cpu``
+(attention joined in the default form) and ``f<hidden>:l2-cpu+residual`` (the paper's eq. 13), each
+compared with ``f<hidden>:none`` (``--out-full`` writes that table).
 """
 from __future__ import annotations
 
@@ -43,10 +49,12 @@ VARIANTS = {"none": (None, None), "l2-cpu": ("l2", "extension"), "l2-tight-cpu":
             "l2-reference": ("l2", "reference")}
 WIDTHS = (64, 128, 256)
 WIDTH_VARIANTS = ("none", "l2-cpu", "l2-tight-cpu")
+FULL_VARIANTS = ("none", "l2-cpu", "l2-cpu+residual", "l2-tight-cpu")
 # Training settings, pinned (not acf train's defaults, which may move): the CPU preset as measured since
 # 2026-11-28, and the wider models of --widths.
 PRESET_RUN = dict(preset="cpu", batch_size=64)
 WIDTH_RUN = dict(preset="cpu", batch_size=32, grad="memory_efficient")
+FULL_MODEL = dict(squeeze_first=False, fc_blocks=4, fc_hidden=128)  # with WIDTH_RUN: --full-resolution
 RESULTS: dict[str, float] = {}
 
 
@@ -65,11 +73,18 @@ def legacy_spectral_norm():
 
 
 def make_trainer(variant: str) -> Trainer:
-    """The trainer of a variant: ``name`` (CPU preset), ``name+legacy-sn`` or ``h<hidden>:name`` (wider)."""
+    """The trainer of a variant: ``name`` (CPU preset), ``name+legacy-sn``, ``h<hidden>:name`` (wider),
+    ``f<hidden>:name`` (wider, full resolution) or ``f<hidden>:name+residual`` (attention as eq. 13)."""
     width, _, name = variant.rpartition(":")
-    attention, backend = VARIANTS[name.removesuffix("+legacy-sn")]
-    settings, model = (PRESET_RUN, {}) if not width else (WIDTH_RUN, dict(hidden=int(width[1:]), fc_blocks=4))
-    cfg = TrainConfig(attention=attention, steps=1000, model=model, **settings)
+    name, *modifiers = name.split("+")
+    attention, backend = VARIANTS[name]
+    settings, model = PRESET_RUN, {}
+    if width:
+        settings, model = WIDTH_RUN, dict(hidden=int(width[1:]), fc_blocks=4)
+        if width.startswith("f"):
+            model.update(FULL_MODEL)
+    form = {"attention_form": "residual"} if "residual" in modifiers else {}
+    cfg = TrainConfig(attention=attention, steps=1000, model=model, **settings, **form)
     trainer = Trainer(cfg, tempfile.mkdtemp(prefix="acf-bench-"))
     if backend is not None:
         set_attention_backend(trainer.model, backend)
@@ -121,7 +136,8 @@ def test_train_step(benchmark, variant):
     RESULTS[variant] = benchmark.stats.stats.min
 
 
-def main(rounds: int = 5, repeats: int = 1, legacy_sn: bool = False, widths: bool = False) -> list[dict[str, float]]:
+def main(rounds: int = 5, repeats: int = 1, legacy_sn: bool = False, widths: bool = False,
+         full: bool = False) -> list[dict[str, float]]:
     """Interleave the variants round by round (fairer on a shared machine), ``repeats`` times;
     print each summary and return the best-of-rounds seconds per variant of each repeat."""
     names = [v for v in VARIANTS if not v.endswith("-cpu") or cpu_kernels_available()]
@@ -129,7 +145,10 @@ def main(rounds: int = 5, repeats: int = 1, legacy_sn: bool = False, widths: boo
         names += [v + "+legacy-sn" for v in names if v != "l2-reference"]
     if widths:
         names += [f"h{h}:{v}" for h in WIDTHS for v in WIDTH_VARIANTS
-                  if not v.endswith("-cpu") or cpu_kernels_available()]
+                  if "-cpu" not in v or cpu_kernels_available()]
+    if full:
+        names += [f"f{h}:{v}" for h in WIDTHS for v in FULL_VARIANTS
+                  if "-cpu" not in v or cpu_kernels_available()]
     trainers = {v: make_trainer(v) for v in names}
     for v, trainer in trainers.items():
         timed_step(trainer, 0, v.endswith("+legacy-sn"))  # warm-up
@@ -162,21 +181,25 @@ def write_markdown(path: str, results: list[dict[str, float]], rounds: int) -> N
         f.write("\n".join(lines) + "\n")
 
 
-def write_widths_markdown(path: str, results: list[dict[str, float]], rounds: int) -> None:
-    """The CPU preset and the wider models, one row per width and repeat: each step and its ratio to
-    the step without attention of the same width and repeat."""
+def write_widths_markdown(path: str, results: list[dict[str, float]], rounds: int, full: bool = False) -> None:
+    """The CPU preset and the wider models (``full``: at full resolution), one row per width and repeat:
+    each step and its ratio to the step without attention of the same width and repeat."""
     from acf.experiments import machine_info
 
     m = machine_info()
-    kinds = [v for v in WIDTH_VARIANTS if f"h{WIDTHS[0]}:{v}" in results[0]]
-    lines = [f"# Training step at several widths, attention against none ({m['date'][:10]})", "",
-             f"`python bench/bench_train_step.py --widths --rounds {rounds} --repeats {len(results)}`: {m['cpu']}, "
+    prefix, variants = ("f", FULL_VARIANTS) if full else ("h", WIDTH_VARIANTS)
+    kinds = [v for v in variants if f"{prefix}{WIDTHS[0]}:{v}" in results[0]]
+    layout = ("full resolution (no first squeeze: 784 tokens in the first stage, 196 in the second), "
+              if full else "")
+    flag = "--full-resolution" if full else "--widths"
+    lines = [f"# Training step at several widths, {layout}attention against none ({m['date'][:10]})", "",
+             f"`python bench/bench_train_step.py {flag} --rounds {rounds} --repeats {len(results)}`: {m['cpu']}, "
              f"{m['torch_threads']} threads, torch {m['torch']}. Best of {rounds} interleaved rounds per repeat; "
              "every variant of every width runs in the same rounds.", "",
              "| model | repeat | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|"]
-    models = [("CPU preset: hidden 32, head dim 8, no FC blocks, batch 64, Neumann gradient", "")] + [
-        (f"hidden {h}, head dim {h // 4}, 4 FC blocks, batch 32, memory-efficient gradient", f"h{h}:")
-        for h in WIDTHS]
+    models = [] if full else [("CPU preset: hidden 32, head dim 8, no FC blocks, batch 64, Neumann gradient", "")]
+    models += [(f"hidden {h}, head dim {h // 4}, 4 FC blocks of {FULL_MODEL['fc_hidden'] if full else 64}, "
+                "batch 32, memory-efficient gradient", f"{prefix}{h}:") for h in WIDTHS]
     for label, prefix in models:
         for i, res in enumerate(results, 1):
             base = res[prefix + "none"]
@@ -198,9 +221,14 @@ if __name__ == "__main__":
                         help=f"also time wider models (hidden {', '.join(map(str, WIDTHS))}, 4 heads, 4 FC blocks, "
                              "batch 32)")
     parser.add_argument("--out-widths", help="with --widths: write the per-width table (markdown) to this file")
+    parser.add_argument("--full-resolution", action="store_true",
+                        help="also time the wider models without the first squeeze (784 tokens in the first stage)")
+    parser.add_argument("--out-full", help="with --full-resolution: write its per-width table (markdown) to this file")
     args = parser.parse_args()
-    found = main(args.rounds, args.repeats, args.legacy_sn, args.widths)
+    found = main(args.rounds, args.repeats, args.legacy_sn, args.widths, args.full_resolution)
     if args.out:
         write_markdown(args.out, found, args.rounds)
     if args.out_widths:
         write_widths_markdown(args.out_widths, found, args.rounds)
+    if args.out_full:
+        write_widths_markdown(args.out_full, found, args.rounds, full=True)

@@ -61,5 +61,14 @@ def compare_all(B, H, N, D, E, dtype, fn, factor=2.0, spread=1.0, device="cpu"):
     ref = first_and_second(plain_reference, q, v, g, u, w, scale)
     ex = first_and_second(l2_attention_reference, *(t.double() for t in (q, v, g, u, w)), scale)
     size = max(t.abs().max().item() for t in ex.values())
+    failed = []  # every quantity is checked, and a failure reports them all (kernel vs reference error)
     for key in ker:
-        check_rule(f"{key} (B,H,N,d,e)={(B, H, N, D, E)} {dtype}", ker[key], ref[key], ex[key], factor, size)
+        try:
+            check_rule(f"{key} (B,H,N,d,e)={(B, H, N, D, E)} {dtype}", ker[key], ref[key], ex[key], factor, size)
+        except AssertionError as e:
+            failed.append(str(e))
+    if failed:
+        errors = {k: ((ker[k].double() - ex[k]).abs().max().item(), (ref[k].double() - ex[k]).abs().max().item())
+                  for k in ker}
+        raise AssertionError("; ".join(failed) + "\nevery quantity (kernel error, reference error): " +
+                             ", ".join(f"{k} {a:.2e} / {b:.2e}" for k, (a, b) in errors.items()))

@@ -36,7 +36,8 @@ def test_lipschitz_bounds_per_block(cli_run):
     assert (cli_run / "metrics.csv").read_text().splitlines()[0] == ",".join(METRIC_FIELDS)
     last = json.loads((cli_run / "metrics.json").read_text())[-1]
     blocks = last["lipschitz_blocks"]
-    assert len(blocks) == 6 and max(blocks.values()) == last["lipschitz_max"] < 1  # 2 x 2 convolutional, 2 FC
+    # 2 x 2 convolutional, a gated attention block after each (the default form), 2 FC
+    assert len(blocks) == 10 and max(blocks.values()) == last["lipschitz_max"] < 1
 
 
 def test_run_without_per_block_bounds_resumes(cli_run, tmp_path):

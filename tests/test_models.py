@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from acf.layers.logdet import LogdetEstimator
-from acf.models import PRESETS, build_model, model_config
+from acf.models import ATTENTION_FORMS, PRESETS, build_model, model_config
 
 ARCHS = ["iresnet", "resflow", "idensenet"]
 
@@ -16,13 +16,16 @@ def tiny(arch, attention, **kw):
     return build_model(arch, attention, heads=2, input_shape=(1, 8, 8), preset="cpu", **kw)
 
 
+# The attention path switched well on, per form: eq. 13's gamma, the quadrature eta2, the gate's weight.
+ATTENTION_ON = {"residual": 2.0, "quadrature": 0.9, "gated": 0.99}
+VARIANTS = [(None, None)] + [(att, form) for att in ("l2", "lipnorm") for form in ATTENTION_FORMS]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("attention", [None, "l2", "lipnorm"])
-def test_variant_builds_inverts_and_samples(arch, attention):
-    model = tiny(arch, attention, factor_out=True, fc_blocks=1)
-    for name, p in model.named_parameters():
-        if name.endswith("gamma"):
-            p.data.fill_(2.0)
+@pytest.mark.parametrize("attention,form", VARIANTS)
+def test_variant_builds_inverts_and_samples(arch, attention, form):
+    on = {"attention_form": form, "gamma_init": ATTENTION_ON[form]} if form else {}
+    model = tiny(arch, attention, factor_out=True, fc_blocks=1, **on)
     x = torch.rand(6, 1, 8, 8) * 0.9 + 0.05
     model.train()
     model(x)  # ActNorm initialisation
@@ -34,7 +37,8 @@ def test_variant_builds_inverts_and_samples(arch, attention):
     assert z.shape == (6, 64) and logdet.shape == (6,)
     assert float((x_rec - x).abs().max()) <= 1e-4
     bounds = model.lipschitz_bounds()
-    assert len(bounds) == 3 and all(b < 1 for b in bounds)
+    gated_blocks = 2 if form == "gated" else 0  # one attention block after the residual block of each stage
+    assert len(bounds) == 3 + gated_blocks and all(b < 1 for b in bounds)
     assert samples.shape == (3, 1, 8, 8) and bool(torch.isfinite(samples).all())
 
 
@@ -138,13 +142,14 @@ def test_bad_input_shape():
         model.inverse(torch.randn(1, 10))
 
 
-def test_inverse_gradient_matches_finite_differences():
+@pytest.mark.parametrize("form", list(ATTENTION_FORMS))
+def test_inverse_gradient_matches_finite_differences(form):
     """``model.inverse(z)`` with ``z.requires_grad`` is differentiable (implicit function theorem in every
     block): float64, l2-tight attention switched on, FC blocks; the directional derivative of a loss on
     the inverse agrees with central finite differences (measured: relative error 3e-9)."""
     torch.manual_seed(0)
     model = build_model("resflow", "l2-tight", input_shape=(1, 8, 8), n_scales=1, blocks_per_scale=2, hidden=8,
-                        heads=2, fc_blocks=1, fc_hidden=16, gamma_init=2.0).double()
+                        heads=2, fc_blocks=1, fc_hidden=16, attention_form=form, gamma_init=ATTENTION_ON[form]).double()
     model.train()
     model(torch.rand(4, 1, 8, 8, dtype=torch.float64) * 0.9 + 0.05)  # ActNorm initialisation
     model.eval()

@@ -141,10 +141,10 @@ def test_checkpoint_fields_of_the_wrong_type_are_named(run, capsys, change, word
 
 
 @pytest.mark.parametrize("section,suffix,value,counts", [("ema", "weight", float("nan"), "(1152 NaN, 0 inf)"),
-                                                          ("ema", "gamma", float("nan"), "(1 NaN, 0 inf)"),
+                                                          ("ema", "theta", float("nan"), "(1 NaN, 0 inf)"),
                                                           ("model", "bias", float("inf"), "NaN, ")])
 def test_non_finite_weights_in_a_checkpoint_are_named(run, capsys, section, suffix, value, counts):
-    """A NaN weight failed with 'linalg.eigh: failed to converge' (or sampled NaN images); a NaN gamma
+    """A NaN weight failed with 'linalg.eigh: failed to converge' (or sampled NaN images); a NaN attention gate
     evaluated to 'x contains non-finite values'. Now: the file, the section and the parameter."""
     name = {}
 
@@ -264,12 +264,13 @@ def test_resume_states_what_it_takes_from_the_command_line(run, capsys):
     ("--batch-size", "100000", "batch_size=100000 exceeds"),
     ("--epochs", "0", "--epochs must be >= 1"),
     ("--device", "gpu", "device 'gpu' is not a torch device"),
-    ("--gamma-init", "1e308", "gamma_init must be in [-1000000.0, 1000000.0], got 1e+308"),
+    ("--gamma-init", "1", "gamma_init (form 'gated') must be in (0.0, 1.0), got 1.0"),
+    ("--attention-form residual --gamma-init", "1e308", "gamma_init must be in [-1000000.0, 1000000.0], got 1e+308"),
     ("--lam", "5000", "lam must be in (0.0, 1000], got 5000.0"),
 ])
 def test_bad_settings_fail_before_a_folder_is_made(tmp_path, capsys, flag, value, words):
     out = tmp_path / "run"
-    assert main(["train", *TINY_ARGS, "--out", str(out), flag, value]) == 2
+    assert main(["train", *TINY_ARGS, "--out", str(out), *flag.split(), value]) == 2
     one_line_error(capsys, words)
     assert not out.exists()
 

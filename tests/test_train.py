@@ -10,7 +10,7 @@ import torch
 
 from acf import runfolder
 from acf.cli import main
-from acf.train import NonFiniteLossError, TrainConfig, Trainer, read_run_config, train
+from acf.train import SETTINGS_ADDED_LATER, NonFiniteLossError, TrainConfig, Trainer, read_run_config, train
 
 from helpers import assert_same_checkpoint
 
@@ -179,21 +179,23 @@ def test_evaluating_does_not_change_the_training(tmp_path, uninterrupted):
     assert trainer.evaluate(16) == trainer.evaluate(16)
 
 
-def test_run_older_than_a_setting_resumes_with_its_old_value(tmp_path, uninterrupted):
+def test_run_older_than_a_setting_resumes_with_its_old_value(tmp_path, one_thread):
     """A run folder written before ``lr_schedule`` (and the attention settings) existed stores none of
-    them: it reads back with the values it ran with, resumes, and ends like an uninterrupted run."""
+    them: it reads back with the values it ran with (eq. 13's residual form among them, not today's
+    default), resumes, and ends like an uninterrupted run with those values."""
+    old = {**TINY, **SETTINGS_ADDED_LATER}
+    train(TrainConfig(**old), tmp_path / "full", progress=False)
     run = tmp_path / "old"
-    train(TrainConfig(**{**TINY, "steps": 2}), run, progress=False)
+    train(TrainConfig(**{**old, "steps": 2}), run, progress=False)
     doc = json.loads((run / "config.json").read_text())
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    for name in ("lr_schedule", "gamma_init", "delta_max", "ball_radius", "head_layout", "attention_form",
-                 "attention_scales", "model"):
+    for name in SETTINGS_ADDED_LATER:
         del doc["train"][name], ckpt["config"][name]
     (run / "config.json").write_text(json.dumps(doc))
     torch.save(ckpt, run / "checkpoint.pt")
-    assert read_run_config(run) == TrainConfig(**{**TINY, "steps": 2})
+    assert read_run_config(run) == TrainConfig(**{**old, "steps": 2})
     assert main(["train", "--resume", str(run), "--steps", "4"]) == 0
-    assert_same_checkpoint(run / "checkpoint.pt", uninterrupted)
+    assert_same_checkpoint(run / "checkpoint.pt", tmp_path / "full" / "checkpoint.pt")
 
 
 def test_hybrid_task_reports_accuracy(tmp_path):

@@ -9,6 +9,7 @@ from typing import Optional
 from scipy import stats
 
 EQUIVALENCE = 0.005  # bits/dim: the margin of the decision rule and of the equivalence test (TOST)
+USED_SHARE = 1e-2    # the attention share from which attention counts as used (success needs it)
 
 
 def paired(rows: list[dict], stage: str, arm: str, arm_step: Optional[int], baseline: str = "baseline-wide",
@@ -56,12 +57,22 @@ def equivalent(diffs: list[float], margin: float = EQUIVALENCE) -> Optional[bool
 
 
 def best_attention_arm(rows: list[dict], stage: str = "A") -> str:
-    """The certified attention arm with the lowest mean paired difference at equal wall-clock."""
+    """The certified attention arm with the lowest mean paired difference at equal wall-clock, among the
+    arms whose attention is used (share >= ``USED_SHARE`` at the last step; all arms if none is): an arm
+    whose attention stays the identity is its baseline paying for attention, and tells stage B nothing."""
     def score(arm: str) -> float:
         diffs = paired(rows, stage, arm, None, base_step=equal_time_step(rows, stage, arm))
         return statistics.fmean(diffs) if diffs else math.inf
+
+    def share(arm: str) -> float:
+        last = [r.get("attention_share") for r in rows
+                if r["stage"] == stage and r["arm"] == arm and r["step"] == last_step(rows, stage, arm)]
+        known = [v for v in last if v is not None]
+        return statistics.fmean(known) if known else math.nan
+
     arms = sorted({r["arm"] for r in rows if r["stage"] == stage and r["role"] == "attention"})
-    return min(arms, key=score)
+    used = [a for a in arms if share(a) >= USED_SHARE]
+    return min(used or arms, key=score)
 
 
 def verdict(rows: list[dict]) -> dict:
@@ -78,7 +89,7 @@ def verdict(rows: list[dict]) -> dict:
             knock = statistics.fmean(r["knockout_cost"] for r in last if r.get("knockout_cost") is not None) \
                 if any(r.get("knockout_cost") is not None for r in last) else math.nan
             gain = -statistics.fmean(diffs) if diffs else math.nan
-            out[f"{stage}:{arm}"] = {"success": bool(high < -EQUIVALENCE and share >= 1e-2 and knock >= gain),
+            out[f"{stage}:{arm}"] = {"success": bool(high < -EQUIVALENCE and share >= USED_SHARE and knock >= gain),
                                      "equivalent": equivalent(diffs), "interval": (low, high), "share": share,
                                      "knockout": knock}
     control = paired(rows, "A", "control+gated", None, baseline="control")
