@@ -106,11 +106,12 @@ def timed_step(trainer: Trainer, seed: int, legacy: bool = False) -> float:
 
 
 def summary_table(res: dict[str, float]) -> str:
-    lines = ["training step (CPU preset, batch 64; h<hidden>: wider, batch 32), best of the rounds:"]
+    lines = ["training step (CPU preset, batch 64; h<hidden>: wider, batch 32; f<hidden>: wider, full resolution), "
+             "best of the rounds:"]
     for name, sec in res.items():
         base = res.get(baseline(name))
         ratio = f"  {sec / base:5.2f}x the step without attention" if base else ""
-        lines.append(f"  {name:18s} {sec * 1e3:8.1f} ms{ratio}")
+        lines.append(f"  {name:21s} {sec * 1e3:8.1f} ms{ratio}")
     for name, sec in res.items():
         if name + "+legacy-sn" in res:
             lines.append(f"  certified spectral norms, {name}: {sec / res[name + '+legacy-sn']:.3f}x the legacy step")
@@ -195,7 +196,9 @@ def write_widths_markdown(path: str, results: list[dict[str, float]], rounds: in
     lines = [f"# Training step at several widths, {layout}attention against none ({m['date'][:10]})", "",
              f"`python bench/bench_train_step.py {flag} --rounds {rounds} --repeats {len(results)}`: {m['cpu']}, "
              f"{m['torch_threads']} threads, torch {m['torch']}. Best of {rounds} interleaved rounds per repeat; "
-             "every variant of every width runs in the same rounds.", "",
+             "every variant of every width runs in the same rounds." + (
+                 " `l2-cpu`, `l2-tight-cpu`: attention joined as gated blocks (the default form); "
+                 "`l2-cpu+residual`: inside every branch (the paper's eq. 13)." if full else ""), "",
              "| model | repeat | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|"]
     models = [] if full else [("CPU preset: hidden 32, head dim 8, no FC blocks, batch 64, Neumann gradient", "")]
     models += [(f"hidden {h}, head dim {h // 4}, 4 FC blocks of {FULL_MODEL['fc_hidden'] if full else 64}, "
