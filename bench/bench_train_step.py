@@ -141,15 +141,16 @@ def main(rounds: int = 5, repeats: int = 1, legacy_sn: bool = False, widths: boo
          full: bool = False) -> list[dict[str, float]]:
     """Interleave the variants round by round (fairer on a shared machine), ``repeats`` times;
     print each summary and return the best-of-rounds seconds per variant of each repeat."""
-    names = [v for v in VARIANTS if not v.endswith("-cpu") or cpu_kernels_available()]
+    def runnable(v: str) -> bool:  # the "-cpu" variants need acf._C's kernels
+        return "-cpu" not in v or cpu_kernels_available()
+
+    names = [v for v in VARIANTS if runnable(v)]
     if legacy_sn:
         names += [v + "+legacy-sn" for v in names if v != "l2-reference"]
     if widths:
-        names += [f"h{h}:{v}" for h in WIDTHS for v in WIDTH_VARIANTS
-                  if "-cpu" not in v or cpu_kernels_available()]
+        names += [f"h{h}:{v}" for h in WIDTHS for v in WIDTH_VARIANTS if runnable(v)]
     if full:
-        names += [f"f{h}:{v}" for h in WIDTHS for v in FULL_VARIANTS
-                  if "-cpu" not in v or cpu_kernels_available()]
+        names += [f"f{h}:{v}" for h in WIDTHS for v in FULL_VARIANTS if runnable(v)]
     trainers = {v: make_trainer(v) for v in names}
     for v, trainer in trainers.items():
         timed_step(trainer, 0, v.endswith("+legacy-sn"))  # warm-up

@@ -57,8 +57,8 @@ from ..layers.logdet import LogdetEstimator
 from ..train import TrainConfig, build_for
 from ..data import load_dataset, to_float
 from .measurements import attention_pull, attention_shares, attention_weights
-from .runs import (DEFAULT_OUT, Context, Experiment, PathLike, Scale, ensure_run, finish, get_scale, locate, run_key,
-                   run_path, start)
+from .runs import (DEFAULT_OUT, EXPERIMENT_SETTINGS, Context, Experiment, PathLike, Scale, ensure_run, finish,
+                   get_scale, locate, run_key, run_path, start)
 from .attention_stats import EQUIVALENCE, best_attention_arm, equal_time_step, interval, last_step, paired, verdict
 from .tables import group, markdown_table
 
@@ -83,12 +83,13 @@ ARMS_A: tuple[tuple[str, str, dict], ...] = (
     ("coupling+attention", "reference", {"arch": "coupling", "attention": "dot"}),
 )
 # attention_form: the arms without attention (and the coupling reference) keep the form they were keyed
-# with; the attention arms name theirs.
+# with, every experiment's (EXPERIMENT_SETTINGS); the attention arms name theirs.
+EXPERIMENT_FORM = EXPERIMENT_SETTINGS["attention_form"]  # eq. 13, as in every experiment
 STAGE_A_SETTINGS = dict(data="digits", preset="cpu", model={"squeeze_first": False}, batch_size=32, lr=2e-3,
-                        warmup=50, lr_schedule="constant", ema_decay=0.99, eval_size=64, attention_form="residual")
+                        warmup=50, lr_schedule="constant", ema_decay=0.99, eval_size=64, attention_form=EXPERIMENT_FORM)
 STAGE_TEXT = {"A": "8x8 digits, exact log-det", "B": "MNIST-5k 28x28, the estimator with common random numbers"}
 STAGE_B_SETTINGS = dict(data="mnist5k", preset="cpu", batch_size=32, lr=2e-3, warmup=50, lr_schedule="constant",
-                        ema_decay=0.99, eval_size=64, attention_form="residual")
+                        ema_decay=0.99, eval_size=64, attention_form=EXPERIMENT_FORM)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,14 @@ def last_step(rows: list[dict], stage: str, arm: str) -> Optional[int]:
                default=None)
 
 
+def last_mean(rows: list[dict], stage: str, arm: str, key: str) -> float:
+    """The mean over seeds of ``key`` at the last checkpoint of ``arm`` (NaN where none was measured)."""
+    step = last_step(rows, stage, arm)
+    known = [r[key] for r in rows
+             if r["stage"] == stage and r["arm"] == arm and r["step"] == step and r.get(key) is not None]
+    return statistics.fmean(known) if known else math.nan
+
+
 def equal_time_step(rows: list[dict], stage: str, arm: str) -> Optional[int]:
     """The step ``baseline-wide`` reaches in the time ``arm`` takes for its last checkpoint."""
     for r in rows:
@@ -64,14 +72,8 @@ def best_attention_arm(rows: list[dict], stage: str = "A") -> str:
         diffs = paired(rows, stage, arm, None, base_step=equal_time_step(rows, stage, arm))
         return statistics.fmean(diffs) if diffs else math.inf
 
-    def share(arm: str) -> float:
-        last = [r.get("attention_share") for r in rows
-                if r["stage"] == stage and r["arm"] == arm and r["step"] == last_step(rows, stage, arm)]
-        known = [v for v in last if v is not None]
-        return statistics.fmean(known) if known else math.nan
-
     arms = sorted({r["arm"] for r in rows if r["stage"] == stage and r["role"] == "attention"})
-    used = [a for a in arms if share(a) >= USED_SHARE]
+    used = [a for a in arms if last_mean(rows, stage, a, "attention_share") >= USED_SHARE]
     return min(used or arms, key=score)
 
 
@@ -83,11 +85,8 @@ def verdict(rows: list[dict]) -> dict:
         for arm in arms:
             diffs = paired(rows, stage, arm, None, base_step=equal_time_step(rows, stage, arm))
             _, low, high = interval(diffs)
-            last = [r for r in rows if r["stage"] == stage and r["arm"] == arm and r["step"] == last_step(rows, stage, arm)]
-            share = statistics.fmean(r["attention_share"] for r in last if r.get("attention_share") is not None) \
-                if any(r.get("attention_share") is not None for r in last) else math.nan
-            knock = statistics.fmean(r["knockout_cost"] for r in last if r.get("knockout_cost") is not None) \
-                if any(r.get("knockout_cost") is not None for r in last) else math.nan
+            share = last_mean(rows, stage, arm, "attention_share")
+            knock = last_mean(rows, stage, arm, "knockout_cost")
             gain = -statistics.fmean(diffs) if diffs else math.nan
             out[f"{stage}:{arm}"] = {"success": bool(high < -EQUIVALENCE and share >= USED_SHARE and knock >= gain),
                                      "equivalent": equivalent(diffs), "interval": (low, high), "share": share,
