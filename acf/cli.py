@@ -118,8 +118,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         given["model"] = dict(given["model"])
     if "attention_scales" in given:
         given["attention_scales"] = tuple(given["attention_scales"])
-    if "attention" in given and given["attention"] == "none":
-        given["attention"] = None
+    for name in ("attention", "max_grad_norm"):  # "none" on the command line: the setting's None
+        if given.get(name) == "none":
+            given[name] = None
     if args.config and args.resume:
         raise ValueError("--config and --resume exclude each other: --resume continues a run with the settings "
                          "of its config.json")
@@ -260,6 +261,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 ATTENTION_FLAG_CHOICES = [*ATTENTIONS, "none"]
+
+
+def _float_or_none(text: str) -> object:
+    """A number, or ``"none"`` (the setting's None)."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
 ATTENTION_HELP = ("attention layer in each branch; dot is an UNCERTIFIED ablation: not Lipschitz, its blocks are NOT "
                   "guaranteed invertible")
 DEVICE_HELP = "auto: CUDA when available, else the CPU; or cpu, cuda, cuda:1, ..."
@@ -308,6 +319,8 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--warmup", type=int, help="linear learning-rate warm-up steps")
     option("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES,
            help="learning rate after the warm-up: constant, or a cosine decay towards 0 at the end")
+    option("--max-grad-norm", dest="max_grad_norm", type=_float_or_none, metavar="NORM",
+           help="clip the gradient's global norm to NORM before each optimizer step; none: never clip")
     option("--ema-decay", dest="ema_decay", type=float, help="EMA of the weights (what is evaluated)")
     option("--seed", type=int, help="seed of the model, the batch order and the noise")
     option("--device", help=DEVICE_HELP)

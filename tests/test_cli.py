@@ -162,7 +162,8 @@ def test_train_runs_on_the_auto_device(cli_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command,shown", [
-    ("train", ["--steps STEPS", "(default: 3000)", "(default: auto)", "(default: mnist5k)", "(default: 0.005)", "(default: cpu-fc)"]),
+    ("train", ["--steps STEPS", f"(default: {TrainConfig().steps})", "(default: auto)", "(default: mnist5k)",
+               f"(default: {TrainConfig().lr})", "(default: cpu-fc)", f"(default: {TrainConfig().max_grad_norm})"]),
     ("sample", ["samples per temperature (default: 16)", "(default: [0.5, 0.7, 0.85, 1.0])", "(default: auto)"]),
     ("evaluate", ["exact log-det terms (default: 20)", "test images (default: all)"]),
     ("perturb", ["test images (default: 64)"]),
@@ -176,6 +177,15 @@ def test_help_shows_defaults(capsys, command, shown):
 
 
 # ---- acf train --config ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("given,stored", [("none", None), ("0.5", 0.5)])
+def test_max_grad_norm_from_the_command_line(cli_run, tmp_path, given, stored):
+    """``--max-grad-norm none`` switches clipping off (the setting's None), a number sets the limit."""
+    new = tmp_path / "new"
+    assert main(["train", "--config", str(cli_run / "config.json"), "--max-grad-norm", given, "--steps", "1",
+                 "--out", str(new)]) == 0
+    assert json.loads((new / "config.json").read_text())["train"]["max_grad_norm"] == stored
+
 
 def test_config_file_round_trip(cli_run, tmp_path, capsys):
     new = tmp_path / "new"

@@ -15,8 +15,10 @@ from acf.train import SETTINGS_ADDED_LATER, NonFiniteLossError, TrainConfig, Tra
 from helpers import assert_same_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# A constant learning rate after the warm-up: a run stopped at step 2 and extended to 4 then follows
+# the schedule of the uninterrupted run (a decaying one depends on the run's length).
 TINY = dict(data="digits", attention="l2", heads=2, steps=4, batch_size=16, eval_every=2, eval_size=16,
-            n_exact_eval=2, warmup=2)
+            n_exact_eval=2, warmup=2, lr_schedule="constant")
 
 
 def test_run_folder_and_metrics(tmp_path):
@@ -139,7 +141,7 @@ def test_non_finite_parameters_after_a_step_are_named(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.opt, "step", poisoned_step)
     with pytest.raises(NonFiniteLossError, match=r"training diverged at step 2: parameter 'fc.layers.1.g.1.bias' is "
                                                   r"not finite after the optimizer step \(1 NaN, 0 inf\); the learning "
-                                                  r"rate \(lr=0.005\) is the likely cause"):
+                                                  r"rate \(lr=" + f"{cfg.lr}" + r"\) is the likely cause"):
         trainer.train_step()
 
 
@@ -167,6 +169,22 @@ def test_learning_rate_schedule(tmp_path, schedule):
     after = {"constant": [1.0] * 7, "decay": [1.0] * 6 + [0.5],
              "cosine": [0.5 * (1 + math.cos(math.pi * t / 7)) for t in range(7)]}[schedule]
     assert used == pytest.approx([0.01 * f for f in [1 / 3, 2 / 3, 1.0] + after], rel=1e-12)
+
+
+@pytest.mark.parametrize("limit", [None, 1e-3])
+def test_gradient_clipping(tmp_path, limit):
+    """``max_grad_norm``: the optimizer sees the gradient with its global norm cut to the limit (the
+    unclipped gradients of this tiny model are far above 1e-3), and unclipped without one."""
+    trainer = Trainer(TrainConfig(**{**TINY, "max_grad_norm": limit}), tmp_path)
+    seen: list[float] = []
+    trainer.opt.register_step_pre_hook(lambda *_: seen.append(float(torch.nn.utils.get_total_norm(
+        [p.grad for p in trainer.model.parameters() if p.grad is not None]))))
+    for _ in range(3):
+        trainer.train_step()
+    if limit is None:
+        assert min(seen) > 1e-2
+    else:
+        assert seen == pytest.approx([limit] * 3, rel=1e-4)
 
 
 def test_evaluating_does_not_change_the_training(tmp_path, uninterrupted):
@@ -225,6 +243,8 @@ def test_bad_training_configuration():
     ("attention", "none", "attention must be one of None"),
     ("grad", "adjoint", "grad must be one of"),
     ("lr_schedule", "linear", "lr_schedule must be one of"),
+    ("max_grad_norm", 0.0, r"max_grad_norm must be in \(0.0, inf\)"),
+    ("max_grad_norm", "1", "max_grad_norm must be a number"),
     ("data_root", 3, "data_root must be a string or null"),
     ("device", "gpu", "device 'gpu' is not a torch device"),
 ])

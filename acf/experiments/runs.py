@@ -160,8 +160,8 @@ class RunRecord:
 # TrainConfig's defaults (those are `acf train`'s default run, tuned for its own budget), so that the
 # published tables and their runs stay reproducible when the default run changes.
 # Attention joins as in the paper (eq. 13, "residual").
-EXPERIMENT_SETTINGS = {"preset": "cpu", "lr": 1e-3, "lr_schedule": "constant", "ema_decay": 0.999, "logit_alpha": 1e-6,
-                       "attention_form": "residual"}
+EXPERIMENT_SETTINGS = {"preset": "cpu", "lr": 1e-3, "lr_schedule": "constant", "max_grad_norm": None, "ema_decay": 0.999,
+                       "logit_alpha": 1e-6, "attention_form": "residual"}
 
 
 def train_config(scale: Scale, variant: Variant, seed: int, task: str = "density",
@@ -176,7 +176,7 @@ def train_config(scale: Scale, variant: Variant, seed: int, task: str = "density
 
 # Settings added after runs were keyed, left out of the key at the value those runs used, so that
 # existing run folders keep their names.
-KEY_OMITS = {"lr_schedule": "constant"}
+KEY_OMITS = {"lr_schedule": "constant", "max_grad_norm": None}
 
 
 def run_key(cfg: TrainConfig) -> str:

@@ -25,10 +25,10 @@ CONFIG_SECTIONS = ("train", "model", "world_size", "warning")  # of config.json;
 @dataclass(frozen=True)
 class TrainConfig(AttentionSettings):
     """Settings of one training run (``acf train --help`` lists them). The defaults are ``acf train``'s
-    default run, chosen by a measured sweep for a 2-core CPU and a budget of about 10 minutes
-    (``bench/results/2026-11-30-default-run.md``); the experiments fix their own settings. The
-    attention settings (how attention joins the flow) are the model's, ``AttentionSettings``
-    (keyword-only)."""
+    default run, chosen by measured sweeps for a 2-core CPU and a budget of about 10 minutes
+    (``bench/results/2026-11-30-default-run.md``, ``bench/results/2026-12-04-default-run.md``); the
+    experiments fix their own settings. The attention settings (how attention joins the flow) are the
+    model's, ``AttentionSettings`` (keyword-only)."""
 
     data: str = DEFAULT_DATASET
     data_root: Optional[str] = None
@@ -37,15 +37,16 @@ class TrainConfig(AttentionSettings):
     heads: int = 4
     preset: str = "cpu-fc"
     task: str = "density"            # one of TASKS
-    steps: int = 3000
+    steps: int = 5000
     batch_size: int = 32
-    lr: float = 5e-3
+    lr: float = 7e-3
     warmup: int = 100
-    lr_schedule: str = "constant"     # after the warm-up: "constant", or a "cosine" decay towards 0 at the end
+    lr_schedule: str = "decay"        # after the warm-up: one of LR_SCHEDULES (acf.train.trainer.lr_factor)
     ema_decay: float = 0.99
+    max_grad_norm: Optional[float] = 2.0  # clip the gradient's global norm to this before each step (None: never)
     seed: int = 0
     device: str = "cpu"              # or "auto": CUDA when available (what `acf train` uses unless told)
-    eval_every: int = 500
+    eval_every: int = 1000
     eval_size: int = 200             # test images per evaluation (n_exact_eval terms: costly)
     n_exact: int = 2                 # roulette: exact terms in training
     n_exact_eval: int = 20           # ... and in evaluation
@@ -71,6 +72,8 @@ class TrainConfig(AttentionSettings):
             check_int(getattr(self, name), name, minimum=0)
         check_real(self.lr, "lr", low=0.0, low_open=True)
         check_real(self.ema_decay, "ema_decay", low=0.0, high=1.0, high_open=True)
+        if self.max_grad_norm is not None:
+            check_real(self.max_grad_norm, "max_grad_norm", low=0.0, low_open=True)
         check_real(self.lam, "lam", low=0.0, high=DEFAULT_MAX_TERMS, low_open=True)  # mean draw <= the roulette's cap
         check_real(self.logit_alpha, "logit_alpha", low=0.0, high=0.5, high_open=True)
         self.check_attention_settings()
@@ -113,7 +116,7 @@ def build_for(cfg: TrainConfig) -> ACFModel:
 
 # Settings that runs written before they existed do not store, and the values that reproduce those runs.
 SETTINGS_ADDED_LATER = {"gamma_init": None, "delta_max": 0.5, "ball_radius": 1.0, "head_layout": "grouped",
-                        "lr_schedule": "constant", "attention_form": "residual", "attention_scales": None, "model": {}}
+                        "lr_schedule": "constant", "max_grad_norm": None, "attention_form": "residual", "attention_scales": None, "model": {}}
 
 # Settings a run may change when it continues: it may be extended, and moved to another device (on
 # the same device it continues bit for bit).

@@ -127,6 +127,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(self.model)
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
         bad = first_non_finite(self.model.named_parameters())
         if bad is not None:
