@@ -52,8 +52,8 @@ WIDTH_VARIANTS = ("none", "l2-cpu", "l2-tight-cpu")
 FULL_VARIANTS = ("none", "l2-cpu", "l2-cpu+residual", "l2-tight-cpu")
 # Training settings, pinned (not acf train's defaults, which may move): the CPU preset as measured since
 # 2026-11-28, and the wider models of --widths.
-PRESET_RUN = dict(preset="cpu", batch_size=64)
-WIDTH_RUN = dict(preset="cpu", batch_size=32, grad="memory_efficient")
+PRESET_RUN = dict(preset="cpu", batch_size=64, max_grad_norm=None)
+WIDTH_RUN = dict(preset="cpu", batch_size=32, grad="memory_efficient", max_grad_norm=None)
 FULL_MODEL = dict(squeeze_first=False, fc_blocks=4, fc_hidden=128)  # with WIDTH_RUN: --full-resolution
 RESULTS: dict[str, float] = {}
 
