@@ -26,10 +26,12 @@ from acf.train import TrainConfig, Trainer, train
 
 from helpers import assert_same_checkpoint, one_line_error
 
+# A constant learning rate after the warm-up: a run killed and resumed to another length then follows
+# the schedule of the uninterrupted run of that length (a decaying one depends on the run's length).
 TINY = dict(data="digits", attention="l2", heads=2, steps=2, batch_size=16, eval_every=2, eval_size=16,
-            n_exact_eval=2, warmup=2)
+            n_exact_eval=2, warmup=2, lr_schedule="constant")
 TINY_ARGS = ["--data", "digits", "--attention", "l2", "--heads", "2", "--batch-size", "16", "--eval-size", "16",
-             "--n-exact-eval", "2", "--warmup", "2"]
+             "--n-exact-eval", "2", "--warmup", "2", "--lr-schedule", "constant"]
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
