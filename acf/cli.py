@@ -28,8 +28,8 @@ from .layers.block import uncertified_warning
 from .layers.flow import bits_per_dim, uniform_dequantize
 from .layers.logdet import GRADS
 from .models import ARCHS, ATTENTION_FORMS, PRESETS, build_model
-from .train import (CONTINUATION_SETTINGS, LR_SCHEDULES, SAMPLE_TEMPERATURES, TASKS, TrainConfig, read_config_file,
-                    read_run_config, train)
+from .train import (CONTINUATION_SETTINGS, DECAY_FRACTION, LR_SCHEDULES, SAMPLE_TEMPERATURES, TASKS, TrainConfig,
+                    read_config_file, read_run_config, train)
 
 
 def synthetic_images(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -261,6 +261,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 ATTENTION_FLAG_CHOICES = [*ATTENTIONS, "none"]
+ATTENTION_HELP = ("attention layer in each branch; dot is an UNCERTIFIED ablation: not Lipschitz, its blocks are NOT "
+                  "guaranteed invertible")
+DEVICE_HELP = "auto: CUDA when available, else the CPU; or cpu, cuda, cuda:1, ..."
 
 
 def _float_or_none(text: str) -> object:
@@ -271,9 +274,6 @@ def _float_or_none(text: str) -> object:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
-ATTENTION_HELP = ("attention layer in each branch; dot is an UNCERTIFIED ablation: not Lipschitz, its blocks are NOT "
-                  "guaranteed invertible")
-DEVICE_HELP = "auto: CUDA when available, else the CPU; or cpu, cuda, cuda:1, ..."
 
 
 def _train_options(tr: argparse.ArgumentParser) -> None:
@@ -318,7 +318,8 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--lr", type=float, help="Adam learning rate")
     option("--warmup", type=int, help="linear learning-rate warm-up steps")
     option("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES,
-           help="learning rate after the warm-up: constant, or a cosine decay towards 0 at the end")
+           help="learning rate after the warm-up: constant; cosine, towards 0 at the end; or decay, constant "
+                f"and then linearly to 0 over the last {DECAY_FRACTION * 100:g}%% of the steps")
     option("--max-grad-norm", dest="max_grad_norm", type=_float_or_none, metavar="NORM",
            help="clip the gradient's global norm to NORM before each optimizer step; none: never clip")
     option("--ema-decay", dest="ema_decay", type=float, help="EMA of the weights (what is evaluated)")

@@ -13,13 +13,13 @@ checkpoint ends with the same parameters as an uninterrupted one.
 ``config`` holds the settings (``TrainConfig``) and their record in ``config.json``, ``trainer`` the loop
 (``Trainer``, ``train``), ``folder`` the checks of the folder a run writes into.
 """
-from .config import (CHECKPOINT, CONFIG, CONFIG_SECTIONS, CONTINUATION_SETTINGS, LR_SCHEDULES,
+from .config import (CHECKPOINT, CONFIG, CONFIG_SECTIONS, CONTINUATION_SETTINGS, DECAY_FRACTION, LR_SCHEDULES,
                      MODEL_SETTINGS_OF_TRAINING, SAMPLE_TEMPERATURES, SETTINGS_ADDED_LATER, TASKS, TrainConfig,
                      build_for, config_diff, config_from_dict, model_config_of, read_config_file, read_run_config)
 from .folder import check_folder
 from .trainer import METRIC_FIELDS, NonFiniteLossError, Trainer, lr_factor, train
 
-__all__ = ["CHECKPOINT", "CONFIG", "CONFIG_SECTIONS", "CONTINUATION_SETTINGS", "LR_SCHEDULES", "METRIC_FIELDS",
-           "MODEL_SETTINGS_OF_TRAINING", "NonFiniteLossError", "SAMPLE_TEMPERATURES", "SETTINGS_ADDED_LATER", "TASKS",
-           "TrainConfig", "Trainer", "build_for", "check_folder", "config_diff", "config_from_dict", "lr_factor",
-           "model_config_of", "read_config_file", "read_run_config", "train"]
+__all__ = ["CHECKPOINT", "CONFIG", "CONFIG_SECTIONS", "CONTINUATION_SETTINGS", "DECAY_FRACTION", "LR_SCHEDULES",
+           "METRIC_FIELDS", "MODEL_SETTINGS_OF_TRAINING", "NonFiniteLossError", "SAMPLE_TEMPERATURES",
+           "SETTINGS_ADDED_LATER", "TASKS", "TrainConfig", "Trainer", "build_for", "check_folder", "config_diff",
+           "config_from_dict", "lr_factor", "model_config_of", "read_config_file", "read_run_config", "train"]

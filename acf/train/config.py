@@ -116,7 +116,8 @@ def build_for(cfg: TrainConfig) -> ACFModel:
 
 # Settings that runs written before they existed do not store, and the values that reproduce those runs.
 SETTINGS_ADDED_LATER = {"gamma_init": None, "delta_max": 0.5, "ball_radius": 1.0, "head_layout": "grouped",
-                        "lr_schedule": "constant", "max_grad_norm": None, "attention_form": "residual", "attention_scales": None, "model": {}}
+                        "lr_schedule": "constant", "max_grad_norm": None, "attention_form": "residual",
+                        "attention_scales": None, "model": {}}
 
 # Settings a run may change when it continues: it may be extended, and moved to another device (on
 # the same device it continues bit for bit).
