@@ -39,7 +39,7 @@ class TrainConfig(AttentionSettings):
     task: str = "density"            # one of TASKS
     steps: int = 5000
     batch_size: int = 32
-    lr: float = 7e-3
+    lr: float = 1e-2
     warmup: int = 100
     lr_schedule: str = "decay"        # after the warm-up: one of LR_SCHEDULES (acf.train.trainer.lr_factor)
     ema_decay: float = 0.99
