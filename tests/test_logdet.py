@@ -4,6 +4,7 @@ Statistical checks use a fixed seed and 3 standard errors; each one also shows t
 catch a biased estimator, so that it cannot pass vacuously.
 """
 import math
+from unittest import mock
 
 import pytest
 import scipy.stats
@@ -210,6 +211,27 @@ def test_memory_efficient_equals_neumann(setup):
             assert a is None or b is None or float(a.abs().max()) == 0
         else:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad", ["neumann", "memory_efficient"])
+@pytest.mark.parametrize("n_terms", [1, 2, 5])
+def test_neumann_value_is_the_series_in_k_vjps(setup, grad, n_terms):
+    """With a gradient, a draw of K terms costs K VJPs (K - 1 for the Neumann vector, one for the
+    surrogate, whose value gives the last term) and its value is the series' (float64, same probe)."""
+    g, x, _ = setup
+    xs = (x.expand(3, *SHAPE) + 0.1 * torch.randn(3, *SHAPE, dtype=torch.float64)).requires_grad_(True)
+    est = LogdetEstimator(method="series", n_terms=n_terms, grad=grad)
+    calls = []
+    real_grad = torch.autograd.grad
+    with mock.patch("torch.autograd.grad", lambda *a, **k: calls.append(1) or real_grad(*a, **k)):
+        torch.manual_seed(3)
+        _, ld = logdet_estimate(g, xs, est)
+    assert len(calls) == n_terms + (grad == "memory_efficient")  # backprop-in-forward: one more, the gradient
+    torch.manual_seed(3)
+    with torch.no_grad():
+        _, series = logdet_estimate(g, xs, est)  # every term a VJP of its own
+    torch.testing.assert_close(ld.detach(), series, rtol=1e-10, atol=1e-10)
+    assert float(series.abs().min()) > 0.1  # the terms are sizeable: a missing one would show
 
 
 def test_memory_efficient_needs_uniform_upstream_gradient(setup):

@@ -14,7 +14,8 @@ Gradients (``grad``):
 
 * ``"backprop"``: differentiate through every VJP (memory grows with the number of terms).
 * ``"neumann"``: ``d log det = E[(sum_{k>=0} (-1)^k w_k^T) (dJ) v]`` (Chen et al. 2019, eq. 8): the VJPs run
-  without a graph, then ONE differentiable VJP (``create_graph=True``) carries the gradient.
+  without a graph, then ONE differentiable VJP (``create_graph=True``) carries the gradient; its value
+  also gives the series' last term, so a draw of K terms costs K VJPs in all (``_neumann_logdet``).
 * ``"memory_efficient"``: the Neumann gradient computed inside the forward pass (backprop-in-
   forward); the log-det keeps no graph, only the gradients it already produced.
 """
@@ -206,32 +207,41 @@ def exact_logdet(g: GFunc, x: torch.Tensor, create_graph: bool = False,
 
 
 def _series(gx: torch.Tensor, x: torch.Tensor, v: torch.Tensor, weights: Sequence[float],
-            create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum_k c_k w_k^T v`` and the Neumann vector ``sum_{k>=0} (-1)^k r_{k+1} w_k``.
-
-    ``r_k = |c_k| k`` is the roulette reweighting of term k, so Neumann term k is the derivative
-    of log-series term k + 1.
-    """
+            create_graph: bool) -> torch.Tensor:
+    """``sum_k c_k w_k^T v`` (k = 1..K, K VJPs), differentiable when ``create_graph``."""
     logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    neumann = v * abs(weights[0])
     w = v
-    for k, c in enumerate(weights, start=1):
+    for c in weights:
         w = _vjp(gx, x, w, create_graph=create_graph)
         logdet = logdet + c * _dot(w, v)
-        if k < len(weights) and not create_graph:
-            neumann = neumann + (-1) ** k * abs(weights[k]) * (k + 1) * w
-    return logdet, neumann
+    return logdet
 
 
 def _neumann_logdet(gx: torch.Tensor, x: torch.Tensor, est: LogdetEstimator,
                     weights: Sequence[float]) -> torch.Tensor:
-    """Log-det value with the Neumann gradient attached (value + surrogate - surrogate.detach())."""
+    """Log-det value with the Neumann gradient attached (value + surrogate - surrogate.detach()), in
+    K VJPs without a graph and one with it, where the value alone would take K.
+
+    With ``t_k = w_k^T v`` and ``r_k = |c_k| k`` (the roulette reweighting of term k), the Neumann
+    vector is ``n = sum_{k<K} (-1)^k r_{k+1} w_k`` (term k is the derivative of series term k + 1),
+    and the surrogate ``n^T J v = sum_{k<=K} k c_k t_k`` carries the gradient. Only ``w_0 .. w_{K-1}``
+    enter ``n`` (K - 1 VJPs); the last term ``t_K``, which only the value needs, is read off the
+    surrogate's value instead of costing a VJP of its own."""
     total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    n_terms = len(weights)
     for _ in range(est.n_probes):
         v = _probe(x, est.probe)
-        value, neumann = _series(gx, x, v, weights, create_graph=False)
-        surrogate = _dot(_vjp(gx, x, neumann.detach(), create_graph=True), v)
-        total = total + value.detach() + surrogate - surrogate.detach()
+        value = torch.zeros_like(total)  # sum_{k<K} c_k t_k ...
+        weighted = torch.zeros_like(total)  # ... and sum_{k<K} k c_k t_k
+        neumann, w = v * abs(weights[0]), v
+        for k in range(1, n_terms):
+            w = _vjp(gx, x, w)
+            t = _dot(w, v)
+            value, weighted = value + weights[k - 1] * t, weighted + k * weights[k - 1] * t
+            neumann = neumann + (-1) ** k * abs(weights[k]) * (k + 1) * w
+        surrogate = _dot(_vjp(gx, x, neumann, create_graph=True), v)
+        last = (surrogate.detach() - weighted) / (n_terms * weights[-1])  # t_K
+        total = total + value + weights[-1] * last + surrogate - surrogate.detach()
     return total / est.n_probes
 
 
@@ -239,8 +249,7 @@ def _backprop_logdet(gx: torch.Tensor, x: torch.Tensor, est: LogdetEstimator,
                      weights: Sequence[float], create_graph: bool) -> torch.Tensor:
     total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for _ in range(est.n_probes):
-        value, _ = _series(gx, x, _probe(x, est.probe), weights, create_graph=create_graph)
-        total = total + value
+        total = total + _series(gx, x, _probe(x, est.probe), weights, create_graph=create_graph)
     return total / est.n_probes
 
 
