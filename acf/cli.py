@@ -118,8 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         given["model"] = dict(given["model"])
     if "attention_scales" in given:
         given["attention_scales"] = tuple(given["attention_scales"])
-    for name in ("attention", "max_grad_norm"):  # "none" on the command line: the setting's None
-        if given.get(name) == "none":
+    for name, word in NONE_WORDS.items():  # the setting's None
+        if given.get(name) == word:
             given[name] = None
     if args.config and args.resume:
         raise ValueError("--config and --resume exclude each other: --resume continues a run with the settings "
@@ -266,14 +266,22 @@ ATTENTION_HELP = ("attention layer in each branch; dot is an UNCERTIFIED ablatio
 DEVICE_HELP = "auto: CUDA when available, else the CPU; or cpu, cuda, cuda:1, ..."
 
 
-def _float_or_none(text: str) -> object:
-    """A number, or ``"none"`` (the setting's None)."""
-    if text.strip().lower() == "none":
-        return "none"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
+def _number_or(kind: type, word: str):
+    """An argparse type: a number of ``kind`` (``int`` or ``float``), or ``word`` (the setting's None:
+    ``NONE_WORDS``)."""
+    def parse(text: str) -> object:
+        if text.strip().lower() == word:
+            return word
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'} or {word}, "
+                                             f"got {text!r}") from None
+    return parse
+
+
+# The word that sets each of these settings to None on the command line.
+NONE_WORDS = {"attention": "none", "max_grad_norm": "none", "eval_size": "all"}
 
 
 def _train_options(tr: argparse.ArgumentParser) -> None:
@@ -320,13 +328,15 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES,
            help="learning rate after the warm-up: constant; cosine, towards 0 at the end; or decay, constant "
                 f"and then linearly to 0 over the last {DECAY_FRACTION * 100:g}%% of the steps")
-    option("--max-grad-norm", dest="max_grad_norm", type=_float_or_none, metavar="NORM",
+    option("--max-grad-norm", dest="max_grad_norm", type=_number_or(float, NONE_WORDS["max_grad_norm"]),
+           metavar="NORM",
            help="clip the gradient's global norm to NORM before each optimizer step; none: never clip")
     option("--ema-decay", dest="ema_decay", type=float, help="EMA of the weights (what is evaluated)")
     option("--seed", type=int, help="seed of the model, the batch order and the noise")
     option("--device", help=DEVICE_HELP)
     option("--eval-every", dest="eval_every", type=int, help="steps between evaluations (and checkpoints)")
-    option("--eval-size", dest="eval_size", type=int, help="test images per evaluation")
+    option("--eval-size", dest="eval_size", type=_number_or(int, NONE_WORDS["eval_size"]), metavar="N",
+           help="the first N test images per evaluation; all (the default): the whole test set")
     option("--n-exact", dest="n_exact", type=int, help="roulette: exact log-det terms in training")
     option("--n-exact-eval", dest="n_exact_eval", type=int, help="... and in evaluation")
     option("--lam", type=float, help="roulette: Poisson rate (0 < lam <= 1000, the cap on the terms of a draw)")

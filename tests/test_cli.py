@@ -178,13 +178,23 @@ def test_help_shows_defaults(capsys, command, shown):
 
 # ---- acf train --config ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("given,stored", [("none", None), ("0.5", 0.5)])
-def test_max_grad_norm_from_the_command_line(cli_run, tmp_path, given, stored):
-    """``--max-grad-norm none`` switches clipping off (the setting's None), a number sets the limit."""
+@pytest.mark.parametrize("flag,given,stored", [("--max-grad-norm", "none", None), ("--max-grad-norm", "0.5", 0.5),
+                                               ("--eval-size", "all", None), ("--eval-size", "12", 12)])
+def test_settings_that_take_a_word_for_none(cli_run, tmp_path, flag, given, stored):
+    """``--max-grad-norm none`` switches clipping off, ``--eval-size all`` evaluates the whole test set
+    (each setting's None); a number sets the value."""
     new = tmp_path / "new"
-    assert main(["train", "--config", str(cli_run / "config.json"), "--max-grad-norm", given, "--steps", "1",
+    assert main(["train", "--config", str(cli_run / "config.json"), flag, given, "--steps", "1",
                  "--out", str(new)]) == 0
-    assert json.loads((new / "config.json").read_text())["train"]["max_grad_norm"] == stored
+    assert json.loads((new / "config.json").read_text())["train"][flag[2:].replace("-", "_")] == stored
+
+
+@pytest.mark.parametrize("flag,given,expected", [("--eval-size", "half", "expected a whole number or all, got 'half'"),
+                                                 ("--max-grad-norm", "all", "expected a number or none, got 'all'")])
+def test_settings_that_take_a_word_refuse_other_words(flag, given, expected, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", flag, given])
+    assert expected in capsys.readouterr().err
 
 
 def test_config_file_round_trip(cli_run, tmp_path, capsys):

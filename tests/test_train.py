@@ -245,6 +245,7 @@ def test_bad_training_configuration():
     ("lr_schedule", "linear", "lr_schedule must be one of"),
     ("max_grad_norm", 0.0, r"max_grad_norm must be in \(0.0, inf\)"),
     ("max_grad_norm", "1", "max_grad_norm must be a number"),
+    ("eval_size", 0, "eval_size must be >= 1"),
     ("data_root", 3, "data_root must be a string or null"),
     ("device", "gpu", "device 'gpu' is not a torch device"),
 ])

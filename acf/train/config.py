@@ -47,7 +47,7 @@ class TrainConfig(AttentionSettings):
     seed: int = 0
     device: str = "cpu"              # or "auto": CUDA when available (what `acf train` uses unless told)
     eval_every: int = 1000
-    eval_size: int = 200             # test images per evaluation (n_exact_eval terms: costly)
+    eval_size: Optional[int] = None  # test images per evaluation, the first ones (None: the whole test set)
     n_exact: int = 2                 # roulette: exact terms in training
     n_exact_eval: int = 20           # ... and in evaluation
     lam: float = 2.0                 # Poisson rate of the roulette
@@ -66,8 +66,10 @@ class TrainConfig(AttentionSettings):
         check_choice(self.preset, "preset", tuple(PRESETS))
         check_choice(self.grad, "grad", GRADS)
         check_choice(self.lr_schedule, "lr_schedule", LR_SCHEDULES)
-        for name in ("heads", "steps", "batch_size", "eval_every", "eval_size"):
+        for name in ("heads", "steps", "batch_size", "eval_every"):
             check_int(getattr(self, name), name, minimum=1)
+        if self.eval_size is not None:
+            check_int(self.eval_size, "eval_size", minimum=1)
         for name in ("warmup", "seed", "n_exact", "n_exact_eval"):
             check_int(getattr(self, name), name, minimum=0)
         check_real(self.lr, "lr", low=0.0, low_open=True)
