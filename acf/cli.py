@@ -118,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         given["model"] = dict(given["model"])
     if "attention_scales" in given:
         given["attention_scales"] = tuple(given["attention_scales"])
-    for name, word in NONE_WORDS.items():  # the setting's None
+    for name, word in NONE_WORDS.items():
         if given.get(name) == word:
             given[name] = None
     if args.config and args.resume:
@@ -260,28 +260,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-ATTENTION_FLAG_CHOICES = [*ATTENTIONS, "none"]
+NONE_WORDS = {"attention": "none", "max_grad_norm": "none", "eval_size": "all"}  # on the command line: None
+ATTENTION_FLAG_CHOICES = [*ATTENTIONS, NONE_WORDS["attention"]]
 ATTENTION_HELP = ("attention layer in each branch; dot is an UNCERTIFIED ablation: not Lipschitz, its blocks are NOT "
                   "guaranteed invertible")
 DEVICE_HELP = "auto: CUDA when available, else the CPU; or cpu, cuda, cuda:1, ..."
 
 
 def _number_or(kind: type, word: str):
-    """An argparse type: a number of ``kind`` (``int`` or ``float``), or ``word`` (the setting's None:
-    ``NONE_WORDS``)."""
+    """An argparse type: a number of ``kind`` (int or float), or ``word`` (the setting's None: ``NONE_WORDS``)."""
     def parse(text: str) -> object:
-        if text.strip().lower() == word:
-            return word
         try:
-            return kind(text)
+            return word if text.strip().lower() == word else kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'} or {word}, "
                                              f"got {text!r}") from None
     return parse
-
-
-# The word that sets each of these settings to None on the command line.
-NONE_WORDS = {"attention": "none", "max_grad_norm": "none", "eval_size": "all"}
 
 
 def _train_options(tr: argparse.ArgumentParser) -> None:
@@ -328,8 +322,7 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES,
            help="learning rate after the warm-up: constant; cosine, towards 0 at the end; or decay, constant "
                 f"and then linearly to 0 over the last {DECAY_FRACTION * 100:g}%% of the steps")
-    option("--max-grad-norm", dest="max_grad_norm", type=_number_or(float, NONE_WORDS["max_grad_norm"]),
-           metavar="NORM",
+    option("--max-grad-norm", dest="max_grad_norm", type=_number_or(float, NONE_WORDS["max_grad_norm"]), metavar="NORM",
            help="clip the gradient's global norm to NORM before each optimizer step; none: never clip")
     option("--ema-decay", dest="ema_decay", type=float, help="EMA of the weights (what is evaluated)")
     option("--seed", type=int, help="seed of the model, the batch order and the noise")

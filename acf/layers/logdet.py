@@ -220,7 +220,7 @@ def _series(gx: torch.Tensor, x: torch.Tensor, v: torch.Tensor, weights: Sequenc
 def _neumann_logdet(gx: torch.Tensor, x: torch.Tensor, est: LogdetEstimator,
                     weights: Sequence[float]) -> torch.Tensor:
     """Log-det value with the Neumann gradient attached (value + surrogate - surrogate.detach()), in
-    K VJPs without a graph and one with it, where the value alone would take K.
+    K - 1 VJPs without a graph and one with it: K in all, as many as the value alone takes.
 
     With ``t_k = w_k^T v`` and ``r_k = |c_k| k`` (the roulette reweighting of term k), the Neumann
     vector is ``n = sum_{k<K} (-1)^k r_{k+1} w_k`` (term k is the derivative of series term k + 1),
