@@ -329,7 +329,7 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--device", help=DEVICE_HELP)
     option("--eval-every", dest="eval_every", type=int, help="steps between evaluations (and checkpoints)")
     option("--eval-size", dest="eval_size", type=_number_or(int, NONE_WORDS["eval_size"]), metavar="N",
-           help="the first N test images per evaluation; all (the default): the whole test set")
+           help="the first N test images per evaluation; all: the whole test set")
     option("--n-exact", dest="n_exact", type=int, help="roulette: exact log-det terms in training")
     option("--n-exact-eval", dest="n_exact_eval", type=int, help="... and in evaluation")
     option("--lam", type=float, help="roulette: Poisson rate (0 < lam <= 1000, the cap on the terms of a draw)")

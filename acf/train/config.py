@@ -47,7 +47,7 @@ class TrainConfig(AttentionSettings):
     seed: int = 0
     device: str = "cpu"              # or "auto": CUDA when available (what `acf train` uses unless told)
     eval_every: int = 1000
-    eval_size: Optional[int] = None  # test images per evaluation, the first ones (None: the whole test set)
+    eval_size: Optional[int] = 1000  # the first test images per evaluation (all of MNIST-5k's; None: every one)
     n_exact: int = 2                 # roulette: exact terms in training
     n_exact_eval: int = 20           # ... and in evaluation
     lam: float = 2.0                 # Poisson rate of the roulette
