@@ -48,7 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device")
     torch.manual_seed(args.seed)
     shape = (1, args.size, args.size)
-    attention = None if args.attention == "none" else args.attention
+    attention = None if args.attention == NONE_WORDS["attention"] else args.attention
     flow = build_model(args.arch, attention, args.heads, shape, preset="cpu", blocks_per_scale=args.blocks,
                        hidden=args.hidden, growth=args.hidden // 2, logit_alpha=0.05).to(device)
     # Give the attention a visible weight (gamma = 0 makes it the identity at initialisation).
