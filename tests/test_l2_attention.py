@@ -340,6 +340,16 @@ def test_extension_every_head_dim_matches_fp64_reference(shape, cpu_kernel):
 
 
 @pytest.mark.needs_ext
+@pytest.mark.parametrize("n", [784, 1024, 785])
+def test_extension_small_head_dims_at_full_resolution(n):
+    """Head dims 1-5 at full-resolution token counts, on the kernel ``auto`` runs there (register-tiled):
+    what a gated block runs at the rank of its input (``acf.layers.lifted``: c or c + 1 dimensions for c
+    image channels), within the tolerance rule."""
+    for d, e in [(1, 1), (2, 2), (3, 3), (5, 5), (2, 1), (4, 3)]:
+        compare_all(1, 2, n, d, e, torch.float32, cpu_fn)
+
+
+@pytest.mark.needs_ext
 def test_extension_each_head_dim_8_to_128(cpu_kernel):
     """Every head dim from 8 to 128 (values of another width), odd N, within the tolerance rule."""
     for d in range(8, 129):

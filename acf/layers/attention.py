@@ -182,13 +182,17 @@ class L2MultiheadAttention(_ContractiveAttention):
     def bound(self, n: int) -> torch.Tensor:
         return l2_mha_lipschitz_bound(self.w_q, self.w_v, self.w_o, self.heads, n)
 
+    def _head_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W^Q_h^T`` ``(H, d, D)`` and ``M_h = W^Q_h^T W^V_h / sqrt(d)`` ``(H, d, d)``."""
+        d, h = self.head_dim, self.heads
+        wq = self.w_q.reshape(self.channels, h, d).permute(1, 2, 0)
+        return wq, wq @ self.w_v.reshape(self.channels, h, d).transpose(0, 1) / math.sqrt(d)
+
     def attend(self, xt: torch.Tensor, out_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         b, _, n = xt.shape
         d, h = self.head_dim, self.heads
         qt = channel_mix(self.w_q, xt)                               # (B, D, N) = Q^T
-        wq = self.w_q.reshape(self.channels, h, d).permute(1, 2, 0)  # (H, d, D) = W^Q_h^T
-        wv = self.w_v.reshape(self.channels, h, d).transpose(0, 1)   # (H, D, d) = W^V_h
-        m = wq @ wv / math.sqrt(d)                                   # (H, d, d) = M_h
+        _, m = self._head_maps()
         mt = m.transpose(1, 2).expand(b, h, d, d).reshape(b * h, d, d)
         vt = torch.bmm(mt, qt.reshape(b * h, d, n)).reshape(b, h, d, n)  # (Q_h M_h)^T
         o = l2_attention(self._split_heads(qt), vt.transpose(-1, -2), scale=1.0 / math.sqrt(d), backend=self.backend)
@@ -199,8 +203,7 @@ class LipNormAttention(_ContractiveAttention):
     """Dot-product attention with LipschitzNorm (Dasoulas et al. 2021; paper eq. 14-15).
 
     Per head, ``S = Q K^T / max(u v, u w, v w)`` with ``u = ||Q||_F`` and ``v``, ``w`` the largest
-    row 2-norms of ``K`` and ``V``, recomputed on every forward from the current input and weights.
-    """
+    row 2-norms of ``K`` and ``V``, recomputed on every forward from the current input and weights."""
 
     label = "LipNorm"
     eps = 1e-12
@@ -224,10 +227,8 @@ class LipNormAttention(_ContractiveAttention):
 
 
 class DotProductAttention(_ContractiveAttention):
-    """Plain ``softmax(Q K^T / sqrt(d)) V`` (ablation only): not Lipschitz, so no certificate.
-
-    ``out = (X + gamma F) / (1 + |gamma|)``; its Jacobian grows with the input scale.
-    """
+    """Plain ``softmax(Q K^T / sqrt(d)) V`` (ablation only): not Lipschitz (its Jacobian grows with the
+    input scale), so no certificate."""
 
     certified = False
     label = "dot"

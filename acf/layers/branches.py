@@ -12,10 +12,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .._checks import check_real
+from .._checks import check_image, check_real
 from .activations import CLipSwish, make_activation
 from .attention import make_attention
 from .block import LipschitzChain
+from .lifted import attend_lifted, attends_lifted
 from .spectral_norm import SpectralConv2d
 
 
@@ -123,10 +124,29 @@ def attention_branch(channels: int, input_hw: tuple[int, int], attention: str, h
     ``GATED_WEIGHT``). ``Lip(g) <= w c^2 < 1``; the attention competes with no identity path inside
     ``g``: the block's own ``x`` is the identity, and ``w`` has a gradient at any value (no dead zone)."""
     options = {k: v for k, v in (attention_options or {}).items() if k != "gamma_init"}
-    return LipschitzChain(SpectralConv2d(channels, hidden, 1, input_hw, coeff=coeff),
-                          make_attention(attention, hidden, heads, form="normalized", **options),
-                          SpectralConv2d(hidden, channels, 1, input_hw, coeff=coeff),
-                          Gate(GATED_WEIGHT if gamma_init is None else gamma_init))
+    return AttentionBranch(SpectralConv2d(channels, hidden, 1, input_hw, coeff=coeff),
+                           make_attention(attention, hidden, heads, form="normalized", **options),
+                           SpectralConv2d(hidden, channels, 1, input_hw, coeff=coeff),
+                           Gate(GATED_WEIGHT if gamma_init is None else gamma_init))
+
+
+class AttentionBranch(LipschitzChain):
+    """``W_out . A~ . W_in`` then the gate (``attention_branch``). Where the attention can (``attends_lifted``:
+    L2 or grouped L2-tight attention whose head dim exceeds the block's channels, as at full resolution),
+    ``A~ . W_in`` runs at the rank of the block's input (``acf.layers.lifted``): the same function, with
+    attention passes of head dim ``channels`` (or ``channels + 1``) instead of ``hidden / heads``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lift, attention, *rest = self
+        if not attends_lifted(attention, lift.in_channels):
+            return super().forward(x)
+        check_image(x, lift.in_channels)
+        bsz, _, height, width = x.shape
+        y = attend_lifted(attention, x.flatten(2), lift.normalized_weight().flatten(1), lift.bias)
+        y = y.reshape(bsz, -1, height, width)
+        for layer in rest:
+            y = layer(y)
+        return y
 
 
 BRANCHES = {"iresnet": iresnet_branch, "resflow": resflow_branch, "idensenet": idensenet_branch}
