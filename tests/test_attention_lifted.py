@@ -156,3 +156,21 @@ def test_lifted_block_logdet_and_its_gradient(grad):
         del g.forward
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["l2", "l2-tight"])
+@pytest.mark.parametrize("c,zeroed", [(2, [1]), (1, [0])])
+def test_rank_deficient_lift_runs_at_width(kind, c, zeroed):
+    """A lift with a zeroed input channel (QR's derivative would divide by 0) runs layer by layer:
+    finite gradients, equal to the branch's."""
+    torch.manual_seed(6)
+    g = _branch(c, 16, 2, (3, 3), kind=kind)
+    with torch.no_grad():
+        g[0].weight[:, zeroed] = 0.0
+    x = torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True)
+    ct = torch.randn_like(x)
+    got = _derivatives(g, g, x, ct, second=True)
+    want = _derivatives(lambda t: _layer_by_layer(g, t), g, x, ct, second=True)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

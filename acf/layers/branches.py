@@ -143,6 +143,8 @@ class AttentionBranch(LipschitzChain):
         check_image(x, lift.in_channels)
         bsz, _, height, width = x.shape
         y = attend_lifted(attention, x.flatten(2), lift.normalized_weight().flatten(1), lift.bias)
+        if y is None:  # a rank-deficient lift
+            return super().forward(x)
         y = y.reshape(bsz, -1, height, width)
         for layer in rest:
             y = layer(y)

@@ -18,7 +18,8 @@ VJPs), whose cost grows with the head dim, run there instead: the same function,
   (the per-token ``s_i``), hence ``c + 1``.
 
 Elsewhere (``c`` at least the head dim, positional embeddings, a knock-out or a pull, other kinds and
-layouts) the layer runs on ``K x + b`` as usual (``attends_lifted`` is False).
+layouts: ``attends_lifted`` is False; a rank-deficient lift: ``attend_lifted`` returns None) the layer runs
+on ``K x + b`` as usual.
 """
 from __future__ import annotations
 
@@ -42,11 +43,20 @@ def attends_lifted(layer: nn.Module, c: int) -> bool:
     return isinstance(layer, L2TightAttention) and layer.layout == "grouped" and c + 1 < layer.head_dim
 
 
-def attend_lifted(layer: nn.Module, xc: torch.Tensor, k: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def attend_lifted(layer: nn.Module, xc: torch.Tensor, k: torch.Tensor,
+                  b: torch.Tensor | None) -> torch.Tensor | None:
     """``layer``'s normalized attention ``A~(K xc + b)^T``, ``(B, D, N)``, for ``xc`` ``(B, c, N)``, ``K``
-    ``(D, c)`` and ``b`` ``(D,)`` (or None), computed at the rank of ``xc`` (``attends_lifted`` must hold)."""
+    ``(D, c)`` and ``b`` ``(D,)`` (or None), computed at the rank of ``xc`` (``attends_lifted`` must hold);
+    None where a factor is rank deficient (a zeroed input channel: QR's derivative would divide by 0)."""
     b = k.new_zeros(k.shape[0]) if b is None else b
     return (_l2 if isinstance(layer, L2MultiheadAttention) else _l2_tight)(layer, xc, k, b)
+
+
+def _full_rank(r: torch.Tensor) -> bool:
+    """Whether the triangular factors ``r`` have no diagonal entry below ``sqrt(eps)`` of their norm."""
+    diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
+    floor = torch.finfo(r.dtype).eps ** 0.5 * torch.linalg.matrix_norm(r).unsqueeze(-1)
+    return bool((diagonal > floor).all())
 
 
 def gram_factor(m: torch.Tensor) -> torch.Tensor:
@@ -62,12 +72,14 @@ def gram_factor(m: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([r, gamma], dim=-1), bottom], dim=-2)
 
 
-def _l2(layer: L2MultiheadAttention, xc: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _l2(layer: L2MultiheadAttention, xc: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     bsz, c, n = xc.shape
     d, h, dim = layer.head_dim, layer.heads, layer.channels
     wq, m = layer._head_maps()                                 # (H, d, D) = W^Q_h^T, (H, d, d) = M_h
     a_t = wq @ k                                               # (H, d, c) = A_h^T
     _, r = torch.linalg.qr(a_t)                                # (H, c, c) = R_h
+    if not _full_rank(r):
+        return None
     queries = (r @ xc.unsqueeze(1)).transpose(-1, -2)          # (B, H, N, c): R_h x_i
     values = xc.unsqueeze(1).expand(bsz, h, c, n).transpose(-1, -2)
     y = l2_attention(queries, values, scale=1.0 / math.sqrt(d), backend=layer.backend)  # (B, H, N, c) = Y_h
@@ -77,15 +89,18 @@ def _l2(layer: L2MultiheadAttention, xc: torch.Tensor, k: torch.Tensor, b: torch
     return out + ((wq @ b).unsqueeze(1) @ m @ w_o).sum(0).reshape(1, dim, 1)
 
 
-def _l2_tight(layer: L2TightAttention, xc: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _l2_tight(layer: L2TightAttention, xc: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     bsz, c, n = xc.shape
     d, h, radius = layer.head_dim, layer.heads, layer.radius
     lift = torch.cat([k, b[:, None]], dim=1).reshape(h, d, c + 1)     # (H, d, c + 1) = [K_h b_h]
-    z = torch.cat([xc, torch.ones_like(xc[:, :1])], dim=1).unsqueeze(1)  # (B, 1, c + 1, N) = z_i
-    norms_sq = (gram_factor(lift) @ z).square().sum(-2, keepdim=True)  # ||x_hi||^2, (B, H, 1, N)
-    zs = z * (radius / norms_sq.clamp_min(radius ** 2).sqrt())         # s_i z_i
     inv_sqrt_tau = math.sqrt(layer.delta_max) / (2.0 * radius * spectral_norm_exact(layer.w_q).clamp_min(1e-12))
+    z = torch.cat([xc, torch.ones_like(xc[:, :1])], dim=1).unsqueeze(1)  # (B, 1, c + 1, N) = z_i
+    ball = gram_factor(lift)
     t = gram_factor(layer.w_q.mT @ lift * inv_sqrt_tau.view(h, 1, 1))  # queries Q_h^T x~ / sqrt(tau_h)
+    if not _full_rank(torch.cat([ball[..., :c, :c], t[..., :c, :c]])):
+        return None
+    norms_sq = (ball @ z).square().sum(-2, keepdim=True)               # ||x_hi||^2, (B, H, 1, N)
+    zs = z * (radius / norms_sq.clamp_min(radius ** 2).sqrt())         # s_i z_i
     y = l2_attention((t @ zs).transpose(-1, -2), zs.transpose(-1, -2), scale=1.0, backend=layer.backend)
     e = (layer.w_m * _over_bound(1.0, layer.bound(n))).mT @ lift      # (H, d, c + 1) = M_h^T [K_h b_h] / L
     return (e @ y.transpose(-1, -2)).reshape(bsz, h * d, n)
