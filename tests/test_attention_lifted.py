@@ -30,6 +30,17 @@ def _layer_by_layer(g, x):
     return nn.Sequential.forward(g, x)
 
 
+def _assert_layer_by_layer(g, x, ct):
+    """``_derivatives`` of ``g`` equal those of ``g`` applied layer by layer (float64 rounding), all finite;
+    returns them."""
+    got = _derivatives(g, g, x, ct, second=True)
+    want = _derivatives(lambda t: _layer_by_layer(g, t), g, x, ct, second=True)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    return got
+
+
 def _derivatives(f, g, x, ct, second):
     """``f(x)``, its VJP for ``ct`` in ``x`` and every parameter, and (``second``) the derivative of
     ``<VJP_x, ct2>`` in the same: what the Neumann log-det gradient computes."""
@@ -51,11 +62,8 @@ def test_lifted_branch_is_the_branch(c, hidden, heads, h, w, backend, kind):
     assert isinstance(g, AttentionBranch) and attends_lifted(g[1], c)
     x = (2.0 * torch.randn(3, c, h, w, dtype=torch.float64)).requires_grad_()  # tokens in and out of L2-tight's ball
     ct = torch.randn(3, c, h, w, dtype=torch.float64)
-    got = _derivatives(g, g, x, ct, second=True)
-    want = _derivatives(lambda t: _layer_by_layer(g, t), g, x, ct, second=True)
+    got = _assert_layer_by_layer(g, x, ct)
     assert got[0].abs().max() > 1e-3  # the attention moves the output
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind,names", [("l2", ("1.w_q", "1.w_v", "1.w_o", "0.bias")),
@@ -132,11 +140,7 @@ def test_lifted_l2_tight_at_initialisation(c):
     assert torch.equal(g[0].bias, torch.zeros_like(g[0].bias))
     x = torch.randn(2, c, 3, 5, dtype=torch.float64, requires_grad=True)
     ct = torch.randn_like(x)
-    got = _derivatives(g, g, x, ct, second=True)
-    want = _derivatives(lambda t: _layer_by_layer(g, t), g, x, ct, second=True)
-    for a, b in zip(got, want):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_layer_by_layer(g, x, ct)
 
 
 @pytest.mark.parametrize("grad", ["neumann", "memory_efficient"])
@@ -169,8 +173,4 @@ def test_rank_deficient_lift_runs_at_width(kind, c, zeroed):
         g[0].weight[:, zeroed] = 0.0
     x = torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True)
     ct = torch.randn_like(x)
-    got = _derivatives(g, g, x, ct, second=True)
-    want = _derivatives(lambda t: _layer_by_layer(g, t), g, x, ct, second=True)
-    for a, b in zip(got, want):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_layer_by_layer(g, x, ct)

@@ -339,18 +339,20 @@ class L2TightAttention(_ContractiveAttention):
         """Certified ``Lip_2(F)`` on ``N`` tokens: ``f(Delta, N) ||M||``."""
         return l2_tight_constant(self.delta_max, n) * self.value_norm()
 
+    def inv_sqrt_tau(self) -> torch.Tensor:
+        """``1 / sqrt(tau_h) = sqrt(Delta) / (2 ||Q_h|| R)`` per head, shaped ``(H, 1, 1)``."""
+        grouped = self.layout == "grouped"
+        q_norm = spectral_norm_exact(self.w_q) if grouped else head_norms(self.w_q, self.heads)  # (H,)
+        return (math.sqrt(self.delta_max) / (2.0 * self.radius * q_norm.clamp_min(1e-12))).view(self.heads, 1, 1)
+
     def _queries(self, xt: torch.Tensor) -> torch.Tensor:
         """``q / sqrt(tau_h)`` per head, ``(B, H, N, d)`` (column-major views), so the kernels' scale is 1;
         ``xt`` is ``(B, H, d, N)`` (grouped) or ``(B, D, N)`` (multihead), projected."""
-        h, d = self.heads, self.head_dim
         if self.layout == "grouped":
             qt = self.w_q.mT @ xt                                          # (B, H, d, N) = (Q_h^T x~)
-            q_norm = spectral_norm_exact(self.w_q)                        # (H,)
         else:
-            qt = channel_mix(self.w_q, xt).reshape(xt.shape[0], h, d, xt.shape[-1])
-            q_norm = head_norms(self.w_q, h)
-        inv_sqrt_tau = math.sqrt(self.delta_max) / (2.0 * self.radius * q_norm.clamp_min(1e-12))
-        return (qt * inv_sqrt_tau.view(h, 1, 1)).transpose(-1, -2)
+            qt = channel_mix(self.w_q, xt).reshape(xt.shape[0], self.heads, self.head_dim, xt.shape[-1])
+        return (qt * self.inv_sqrt_tau()).transpose(-1, -2)
 
     def attend(self, xt: torch.Tensor, out_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         b, _, n = xt.shape

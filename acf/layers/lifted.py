@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from ..ops.l2_attention import l2_attention
-from .attention import (L2MultiheadAttention, L2TightAttention, _ContractiveAttention, _over_bound, channel_mix,
-                        spectral_norm_exact)
+from .attention import L2MultiheadAttention, L2TightAttention, _ContractiveAttention, _over_bound, channel_mix
 
 
 def attends_lifted(layer: nn.Module, c: int) -> bool:
@@ -93,10 +92,9 @@ def _l2_tight(layer: L2TightAttention, xc: torch.Tensor, k: torch.Tensor, b: tor
     bsz, c, n = xc.shape
     d, h, radius = layer.head_dim, layer.heads, layer.radius
     lift = torch.cat([k, b[:, None]], dim=1).reshape(h, d, c + 1)     # (H, d, c + 1) = [K_h b_h]
-    inv_sqrt_tau = math.sqrt(layer.delta_max) / (2.0 * radius * spectral_norm_exact(layer.w_q).clamp_min(1e-12))
     z = torch.cat([xc, torch.ones_like(xc[:, :1])], dim=1).unsqueeze(1)  # (B, 1, c + 1, N) = z_i
     ball = gram_factor(lift)
-    t = gram_factor(layer.w_q.mT @ lift * inv_sqrt_tau.view(h, 1, 1))  # queries Q_h^T x~ / sqrt(tau_h)
+    t = gram_factor(layer.w_q.mT @ lift * layer.inv_sqrt_tau())        # queries Q_h^T x~ / sqrt(tau_h)
     if not _full_rank(torch.cat([ball[..., :c, :c], t[..., :c, :c]])):
         return None
     norms_sq = (ball @ z).square().sum(-2, keepdim=True)               # ||x_hi||^2, (B, H, 1, N)
