@@ -143,12 +143,13 @@ def test_checkpoint_fields_of_the_wrong_type_are_named(run, capsys, change, word
     assert (run / "checkpoint.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("section,suffix,value,counts", [("ema", "weight", float("nan"), "(1152 NaN, 0 inf)"),
+@pytest.mark.parametrize("section,suffix,value,counts", [("ema", "weight", float("nan"), "({n} NaN, 0 inf)"),
                                                           ("ema", "theta", float("nan"), "(1 NaN, 0 inf)"),
                                                           ("model", "bias", float("inf"), "NaN, ")])
 def test_non_finite_weights_in_a_checkpoint_are_named(run, capsys, section, suffix, value, counts):
     """A NaN weight failed with 'linalg.eigh: failed to converge' (or sampled NaN images); a NaN attention gate
-    evaluated to 'x contains non-finite values'. Now: the file, the section and the parameter."""
+    evaluated to 'x contains non-finite values'. Now: the file, the section and the parameter, with the
+    number of non-finite entries ({n}: every entry of the weight)."""
     name = {}
 
     def change(ckpt):
@@ -156,8 +157,10 @@ def test_non_finite_weights_in_a_checkpoint_are_named(run, capsys, section, suff
         ckpt[section][name["k"]].view(-1)[0] = value
         if suffix == "weight":
             ckpt[section][name["k"]].fill_(value)
+        name["n"] = ckpt[section][name["k"]].numel()
 
     edit_checkpoint(run, change)
+    counts = counts.format(n=name["n"])
     command = ["train", "--steps", "4", "--resume"] if section == "model" else ["sample", "--n", "2"]
     assert main([*command, str(run)]) == 2
     one_line_error(capsys, f"{run / 'checkpoint.pt'}: {section} weight {name['k']!r} is not finite", counts,

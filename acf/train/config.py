@@ -26,20 +26,20 @@ CONFIG_SECTIONS = ("train", "model", "world_size", "warning")  # of config.json;
 class TrainConfig(AttentionSettings):
     """Settings of one training run (``acf train --help`` lists them). The defaults are ``acf train``'s
     default run, chosen by measured sweeps for a 2-core CPU and a budget of about 10 minutes
-    (``bench/results/2026-11-30-default-run.md``, ``bench/results/2026-12-04-default-run.md``); the
-    experiments fix their own settings. The attention settings (how attention joins the flow) are the
+    (``bench/results/2026-11-30-default-run.md``, ``2026-12-04-default-run*.md``); the experiments fix
+    their own settings. The attention settings (how attention joins the flow) are the
     model's, ``AttentionSettings`` (keyword-only)."""
 
     data: str = DEFAULT_DATASET
     data_root: Optional[str] = None
-    arch: str = "resflow"
+    arch: str = "idensenet"          # one of ARCHS (its samples read as digits: 2026-12-04-default-run-dense.md)
     attention: Optional[str] = None  # one of ATTENTION_CHOICES (None: no attention); see docs/RESULTS.md
     heads: int = 4
-    preset: str = "cpu-fc"
+    preset: str = "cpu-deep"
     task: str = "density"            # one of TASKS
-    steps: int = 5000
+    steps: int = 3800
     batch_size: int = 32
-    lr: float = 1e-2
+    lr: float = 5e-3
     warmup: int = 100
     lr_schedule: str = "decay"        # after the warm-up: one of LR_SCHEDULES (acf.train.trainer.lr_factor)
     ema_decay: float = 0.99
