@@ -147,16 +147,11 @@ class ModelConfig(AttentionSettings):
 PRESETS: dict[str, dict] = {
     # Small enough for a 2-core laptop, valid for every data set's shape (the experiments' model).
     "cpu": dict(n_scales=2, blocks_per_scale=2, hidden=32, growth=16, depth=2, fc_blocks=0),
-    # The same plus two fully connected blocks, which mix the whole image (bench/results/2026-11-30-default-run.md:
-    # 1.51 instead of 1.57 bits/dim in the same time), with coefficient 0.99 (2026-12-04-default-run-coefficient.md:
-    # 0.008-0.01 bits/dim below 0.97); ``acf train``'s default before "cpu-deep".
+    # ``acf train``'s default: the same plus two fully connected blocks, which mix the whole image
+    # (bench/results/2026-11-30-default-run.md: 1.51 instead of 1.57 bits/dim in the same time), with
+    # coefficient 0.99 (2026-12-04-default-run-coefficient.md: 0.008-0.01 bits/dim below 0.97).
     "cpu-fc": dict(n_scales=2, blocks_per_scale=2, hidden=32, growth=16, depth=2, fc_blocks=2, fc_hidden=128,
                    coeff=0.99),
-    # ``acf train``'s default (with i-DenseNet branches): deeper, 3 blocks per stage and 3 fully connected
-    # blocks, for fewer steps in the same time; coefficient 0.97, at which the log-det series of the trained
-    # blocks converges within the evaluation's exact terms (bench/results/2026-12-04-default-run-dense.md).
-    "cpu-deep": dict(n_scales=2, blocks_per_scale=3, hidden=32, growth=16, depth=2, fc_blocks=3, fc_hidden=128,
-                     coeff=0.97),
     # Paper scale, after Residual Flows' settings (3 scales, 16 blocks, 512 hidden, FC blocks).
     "mnist": dict(n_scales=3, squeeze_first=False, blocks_per_scale=16, hidden=512, coeff=0.98, factor_out=True, fc_blocks=4,
                   fc_hidden=128, logit_alpha=1e-6),

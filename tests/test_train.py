@@ -11,6 +11,7 @@ import torch
 from acf import runfolder
 from acf.cli import main
 from acf.train import SETTINGS_ADDED_LATER, NonFiniteLossError, TrainConfig, Trainer, read_run_config, train
+from acf.train.trainer import SERIES_TOLERANCE
 
 from helpers import assert_same_checkpoint
 
@@ -32,6 +33,25 @@ def test_run_folder_and_metrics(tmp_path):
     assert all(0 < h["lipschitz_max"] < 1 and 0 < h["test_bpd"] < 16 for h in trainer.history)
     assert json.loads((run / "config.json").read_text())["model"]["input_shape"] == [1, 8, 8]
     assert not [p for p in os.listdir(run) if p.endswith(runfolder.TEMP_SUFFIX)]  # atomic writes leave none
+    assert abs(trainer.series_shortfall()) < SERIES_TOLERANCE  # a tiny model's series converges within 2 x 10 terms
+
+
+def test_a_series_the_evaluation_cuts_short_is_reported(tmp_path, capsys, monkeypatch):
+    """When the evaluation's exact log-det terms read below ten times as many at the end of a run, the
+    run warns and names the command that evaluates with more terms."""
+    seen = []
+    real = Trainer.series_shortfall
+
+    def shortfall(self):
+        seen.append(real(self))  # the real check runs (its value is near 0 here) ...
+        return 0.25              # ... and a drifted model's value is reported
+    monkeypatch.setattr(Trainer, "series_shortfall", shortfall)
+    run = tmp_path / "run"
+    train(TrainConfig(**TINY), run, progress=False)
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"read 0.250 bits/dim below {10 * TINY['n_exact_eval']} terms" in out
+    assert f"acf evaluate {run} --n-exact {10 * TINY['n_exact_eval']}" in out
+    assert len(seen) == 1 and abs(seen[0]) < SERIES_TOLERANCE
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """The contractive residual block ``y = x + g(x)`` with ``Lip(g) < 1`` (paper eq. 3)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Callable, Optional, Union
+from dataclasses import replace
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -59,6 +61,21 @@ def certified_bounds(model: nn.Module) -> dict[str, float]:
             raise CertificateError(f"residual block {name!r} has certified Lip(g) = {bound:.6f} >= 1: it is no "
                                    f"longer guaranteed invertible")
     return bounds
+
+
+@contextlib.contextmanager
+def truncated_series(model: nn.Module, n_terms: int) -> Iterator[None]:
+    """Inside the ``with``, every ``ContractiveBlock`` of ``model`` estimates its log-det by the first
+    ``n_terms`` terms of eq. 6 (``method="series"``, its own probe law); its estimator is restored after."""
+    blocks = [m for m in model.modules() if isinstance(m, ContractiveBlock)]
+    saved = [m.estimator for m in blocks]
+    try:
+        for m in blocks:
+            m.estimator = replace(m.estimator, method="series", n_terms=n_terms)
+        yield
+    finally:
+        for m, est in zip(blocks, saved):
+            m.estimator = est
 
 
 class LipschitzChain(nn.Sequential):

@@ -32,14 +32,14 @@ class TrainConfig(AttentionSettings):
 
     data: str = DEFAULT_DATASET
     data_root: Optional[str] = None
-    arch: str = "idensenet"          # one of ARCHS (its samples read as digits: 2026-12-04-default-run-dense.md)
+    arch: str = "resflow"
     attention: Optional[str] = None  # one of ATTENTION_CHOICES (None: no attention); see docs/RESULTS.md
     heads: int = 4
-    preset: str = "cpu-deep"
+    preset: str = "cpu-fc"
     task: str = "density"            # one of TASKS
-    steps: int = 3800
+    steps: int = 5000
     batch_size: int = 32
-    lr: float = 5e-3
+    lr: float = 1e-2
     warmup: int = 100
     lr_schedule: str = "decay"        # after the warm-up: one of LR_SCHEDULES (acf.train.trainer.lr_factor)
     ema_decay: float = 0.99

@@ -21,7 +21,7 @@ from .. import distributed, runfolder
 from .._checks import NonFiniteError, check_int, first_non_finite, resolve_device
 from ..data import endless_batches, load_dataset, make_loader, to_float
 from ..errors import ACFError
-from ..layers.block import CertificateError, certified_bounds, uncertified_warning
+from ..layers.block import CertificateError, ContractiveBlock, certified_bounds, truncated_series, uncertified_warning
 from ..layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
 from ..models import ACFModel
 from ..runfolder import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES
@@ -30,6 +30,9 @@ from .folder import check_folder
 
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")
 EVALUATION_SEED = 0  # the evaluations' own random stream (Trainer.evaluate)
+# The end of a run checks that the evaluation's exact log-det terms cover the series (Trainer.series_shortfall):
+# on this many test images, against this many times the terms, warning above this many bits/dim.
+SERIES_CHECK_IMAGES, SERIES_CHECK_FACTOR, SERIES_TOLERANCE = 64, 10, 0.005
 
 
 class NonFiniteLossError(ACFError, RuntimeError):
@@ -191,6 +194,27 @@ class Trainer:
         return float(torch.cat(bpds).mean()), acc
 
     @torch.no_grad()
+    def series_shortfall(self) -> Optional[float]:
+        """Bits/dim by which the first ``k = n_exact_eval`` terms of every block's log-det series (eq. 6)
+        read below ``SERIES_CHECK_FACTOR * k`` terms, on the first test images (same noise and probes):
+        the part of the series the evaluation leaves to the roulette's rare long draws, which an average
+        over a test set misses when the trained Jacobians approach their bound. None when no block
+        estimates its log-det by the roulette."""
+        model = self.evaluated_model()
+        if not any(m.estimator.method == "roulette" for m in model.modules() if isinstance(m, ContractiveBlock)):
+            return None
+        images, _ = self.test_set[slice(0, min(SERIES_CHECK_IMAGES, len(self.test_set)))]
+        x = to_float(images).to(self.device)
+        k = max(1, self.cfg.n_exact_eval)
+        reads = []
+        for terms in (k, SERIES_CHECK_FACTOR * k):
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                    truncated_series(model, terms):
+                torch.manual_seed(EVALUATION_SEED)
+                reads.append(float(model.bits_per_dim(uniform_dequantize(x)).mean()))
+        return reads[1] - reads[0]
+
+    @torch.no_grad()
     def certified_lipschitz(self) -> dict[str, float]:
         """Certified ``Lip(g)`` of every residual block of the evaluated model (EMA, eval mode), by
         name: the exact (Lanczos) norms of the maps it applies. Raises ``CertificateError`` naming the
@@ -262,11 +286,24 @@ class Trainer:
                         if progress:
                             bar.write(f"step {self.step}: test bits/dim {test_bpd:.4f}"
                                       + (f", accuracy {acc:.4f}" if acc is not None else ""))
+                        if self.step == self.cfg.steps:
+                            self._check_series(bar)
                     recent = []
                     self.save()
         if not distributed.parameters_agree(self.model):
             raise RuntimeError("data-parallel ranks ended with different parameters")
         return self.history[-1] if self.history else {}
+
+    def _check_series(self, bar: tqdm) -> None:
+        """A warning when ``series_shortfall`` exceeds the tolerance (nothing is stored: a run stopped and
+        resumed keeps the checkpoint of the uninterrupted run)."""
+        gap = self.series_shortfall()
+        if gap is not None and gap > SERIES_TOLERANCE:
+            k = max(1, self.cfg.n_exact_eval)
+            bar.write(f"warning: the test bits/dim may read low: on the first {SERIES_CHECK_IMAGES} test images, "
+                      f"{k} terms of the log-det series read {gap:.3f} bits/dim below {SERIES_CHECK_FACTOR * k} "
+                      f"terms (the trained blocks approach their Lipschitz bound); `acf evaluate {self.run_dir} "
+                      f"--n-exact {SERIES_CHECK_FACTOR * k}` evaluates with more terms")
 
     # ---- figures ------------------------------------------------------------------------------
     @torch.no_grad()
