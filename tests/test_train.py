@@ -11,7 +11,7 @@ import torch
 from acf import runfolder
 from acf.cli import main
 from acf.train import SETTINGS_ADDED_LATER, NonFiniteLossError, TrainConfig, Trainer, read_run_config, train
-from acf.train.trainer import SERIES_TOLERANCE
+from acf.train.trainer import SERIES_CHECK_FACTOR, SERIES_TOLERANCE
 
 from helpers import assert_same_checkpoint
 
@@ -37,7 +37,7 @@ def test_run_folder_and_metrics(tmp_path):
 
 
 def test_a_series_the_evaluation_cuts_short_is_reported(tmp_path, capsys, monkeypatch):
-    """When the evaluation's exact log-det terms read below ten times as many at the end of a run, the
+    """When the evaluation's exact log-det terms read below many times as many at the end of a run, the
     run warns and names the command that evaluates with more terms."""
     seen = []
     real = Trainer.series_shortfall
@@ -49,8 +49,9 @@ def test_a_series_the_evaluation_cuts_short_is_reported(tmp_path, capsys, monkey
     run = tmp_path / "run"
     train(TrainConfig(**TINY), run, progress=False)
     out = " ".join(capsys.readouterr().out.split())
-    assert f"read 0.250 bits/dim below {10 * TINY['n_exact_eval']} terms" in out
-    assert f"acf evaluate {run} --n-exact {10 * TINY['n_exact_eval']}" in out
+    more = SERIES_CHECK_FACTOR * TINY["n_exact_eval"]
+    assert f"read 0.250 bits/dim below {more} terms" in out
+    assert f"acf evaluate {run} --n-exact {more}" in out
     assert len(seen) == 1 and abs(seen[0]) < SERIES_TOLERANCE
 
 

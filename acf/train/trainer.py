@@ -175,9 +175,15 @@ class Trainer:
         The dequantisation noise and log-det draws come from a generator of their own, seeded with
         ``EVALUATION_SEED`` at every evaluation: evaluating never moves the training's random stream (so
         ``eval_every`` does not change the trajectory), and every evaluation draws the same noise."""
+        with self._evaluation_stream():
+            return self._evaluate(n)
+
+    @contextlib.contextmanager
+    def _evaluation_stream(self) -> Iterator[None]:
+        """The global random stream seeded with ``EVALUATION_SEED`` inside, the training's restored after."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(EVALUATION_SEED)
-            return self._evaluate(n)
+            yield
 
     def _evaluate(self, n: Optional[int]) -> tuple[float, Optional[float]]:
         model = self.evaluated_model()
@@ -205,14 +211,17 @@ class Trainer:
             return None
         images, _ = self.test_set[slice(0, min(SERIES_CHECK_IMAGES, len(self.test_set)))]
         x = to_float(images).to(self.device)
-        k = max(1, self.cfg.n_exact_eval)
         reads = []
-        for terms in (k, SERIES_CHECK_FACTOR * k):
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
-                    truncated_series(model, terms):
-                torch.manual_seed(EVALUATION_SEED)
+        for terms in self._series_terms():
+            with self._evaluation_stream(), truncated_series(model, terms):
                 reads.append(float(model.bits_per_dim(uniform_dequantize(x)).mean()))
         return reads[1] - reads[0]
+
+    def _series_terms(self) -> tuple[int, int]:
+        """The terms ``series_shortfall`` compares: the evaluation's exact ones (at least 1), and
+        ``SERIES_CHECK_FACTOR`` times as many."""
+        k = max(1, self.cfg.n_exact_eval)
+        return k, SERIES_CHECK_FACTOR * k
 
     @torch.no_grad()
     def certified_lipschitz(self) -> dict[str, float]:
@@ -299,11 +308,11 @@ class Trainer:
         resumed keeps the checkpoint of the uninterrupted run)."""
         gap = self.series_shortfall()
         if gap is not None and gap > SERIES_TOLERANCE:
-            k = max(1, self.cfg.n_exact_eval)
+            k, more = self._series_terms()
             bar.write(f"warning: the test bits/dim may read low: on the first {SERIES_CHECK_IMAGES} test images, "
-                      f"{k} terms of the log-det series read {gap:.3f} bits/dim below {SERIES_CHECK_FACTOR * k} "
-                      f"terms (the trained blocks approach their Lipschitz bound); `acf evaluate {self.run_dir} "
-                      f"--n-exact {SERIES_CHECK_FACTOR * k}` evaluates with more terms")
+                      f"{k} terms of the log-det series read {gap:.3f} bits/dim below {more} terms (the trained "
+                      f"blocks approach their Lipschitz bound); `acf evaluate {self.run_dir} --n-exact {more}` "
+                      f"evaluates with more terms")
 
     # ---- figures ------------------------------------------------------------------------------
     @torch.no_grad()
