@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from acf.layers.block import ContractiveBlock as acf_block
 from acf.layers.logdet import LogdetEstimator
 from acf.models import ATTENTION_FORMS, PRESETS, build_model, model_config
 
@@ -87,6 +88,32 @@ def test_hybrid_head_and_presets():
             assert model_config("resflow", "l2", 4, shape, preset=name).input_shape == shape
 
 
+def test_preactivation_off_lets_the_branches_see_the_sign_of_their_input():
+    """Residual Flow branches (and FC blocks) start with LipSwish unless ``preactivation=False``: with it, two
+    inputs far below 0 meet the first convolution as about 0 alike, without it they do not; either way the
+    model inverts and its log-density is the exact change of variables."""
+    from acf.layers.spectral_norm import SpectralConv2d
+
+    for pre in (True, False):
+        model = tiny("resflow", None, fc_blocks=1, preactivation=pre, estimator=LogdetEstimator(method="exact")).double()
+        branches = [m.g for m in model.modules() if isinstance(m, acf_block)]
+        assert len(branches) == 3 and all(isinstance(g[0], SpectralConv2d) != pre for g in branches)
+        g = branches[0]
+        low, lower = (torch.full((1, 4, 4, 4), v, dtype=torch.float64) for v in (-40.0, -80.0))
+        with torch.no_grad():
+            gap = float((g(low) - g(lower)).abs().max())
+        assert (gap < 1e-9) if pre else (gap > 1e-3)
+        x = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 0.9 + 0.05
+        model(x)
+        model.eval()
+        with torch.no_grad():
+            assert float((model.inverse(model(x)[0], tol=1e-12) - x).abs().max()) <= 1e-8
+        jac = torch.autograd.functional.jacobian(lambda t: model(t)[0], x[:1]).reshape(64, 64)
+        z = model(x[:1])[0][0]
+        expected = -0.5 * (z ** 2).sum() - 32 * math.log(2 * math.pi) + torch.linalg.slogdet(jac)[1]
+        torch.testing.assert_close(model.log_prob(x[:1])[0], expected)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"arch": "glow"}, "unknown arch 'glow'"),
     ({"attention": "softmax"}, "unknown attention 'softmax'"),
@@ -103,6 +130,7 @@ def test_hybrid_head_and_presets():
     ({"input_shape": (1, 8)}, "input_shape must be \\(channels, height, width\\)"),
     ({"input_shape": (0, 8, 8)}, "input_shape channels must be >= 1"),
     ({"factor_out": "yes"}, "factor_out must be True or False"),
+    ({"preactivation": 0}, "preactivation must be True or False"),
     ({"estimator": "roulette"}, "estimator must be a LogdetEstimator"),
 ])
 def test_bad_configuration(kwargs, match):

@@ -46,10 +46,11 @@ def iresnet_branch(channels: int, input_hw: tuple[int, int], hidden: int = 32, c
 
 def resflow_branch(channels: int, input_hw: tuple[int, int], hidden: int = 32, coeff: float = 0.97,
                    attention: Optional[str] = None, heads: int = 4, kernels: Sequence[int] = (3, 1, 3),
-                   attention_options: Optional[dict] = None) -> LipschitzChain:
+                   attention_options: Optional[dict] = None, preactivation: bool = True) -> LipschitzChain:
     """Residual Flow ``g = W3 . LS . W2 . LS . [SA] . W1 . LS`` with LipSwish (Chen et al. 2019);
-    ``attention_options`` go to ``make_attention``."""
-    return _conv_stack(channels, hidden, input_hw, kernels, coeff, "lipswish", True, attention, heads,
+    ``preactivation=False`` drops the first ``LS`` (``g = W3 . LS . W2 . LS . [SA] . W1``), so the branch
+    sees the sign of its input; ``attention_options`` go to ``make_attention``."""
+    return _conv_stack(channels, hidden, input_hw, kernels, coeff, "lipswish", preactivation, attention, heads,
                        attention_options)
 
 

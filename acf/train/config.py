@@ -26,7 +26,7 @@ CONFIG_SECTIONS = ("train", "model", "world_size", "warning")  # of config.json;
 class TrainConfig(AttentionSettings):
     """Settings of one training run (``acf train --help`` lists them). The defaults are ``acf train``'s
     default run, chosen by measured sweeps for a 2-core CPU and a budget of about 10 minutes
-    (``bench/results/2026-11-30-default-run.md``, ``2026-12-04-default-run*.md``); the experiments fix
+    (``bench/results/2026-11-30-default-run.md``, ``2026-12-0[45]-default-run*.md``); the experiments fix
     their own settings. The attention settings (how attention joins the flow) are the
     model's, ``AttentionSettings`` (keyword-only)."""
 
@@ -35,9 +35,9 @@ class TrainConfig(AttentionSettings):
     arch: str = "resflow"
     attention: Optional[str] = None  # one of ATTENTION_CHOICES (None: no attention); see docs/RESULTS.md
     heads: int = 4
-    preset: str = "cpu-fc"
+    preset: str = "cpu-deep-nopreact"
     task: str = "density"            # one of TASKS
-    steps: int = 5000
+    steps: int = 3600
     batch_size: int = 32
     lr: float = 1e-2
     warmup: int = 100
