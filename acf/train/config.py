@@ -37,7 +37,7 @@ class TrainConfig(AttentionSettings):
     heads: int = 4
     preset: str = "cpu-deep-nopreact"
     task: str = "density"            # one of TASKS
-    steps: int = 3600
+    steps: int = 4500
     batch_size: int = 32
     lr: float = 1e-2
     warmup: int = 100
