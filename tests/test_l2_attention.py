@@ -344,9 +344,12 @@ def test_extension_every_head_dim_matches_fp64_reference(shape, cpu_kernel):
 def test_extension_small_head_dims_at_full_resolution(n):
     """Head dims 1-5 at full-resolution token counts, on the kernel ``auto`` runs there (register-tiled):
     what a gated block runs at the rank of its input (``acf.layers.lifted``: c or c + 1 dimensions for c
-    image channels), within the tolerance rule."""
+    image channels), within the tolerance rule at factor 4, not 2: the kernel sums the N-long reductions
+    of the double VJP in float32 in row order, PyTorch's reference in MKL's blocked order, and on an
+    AVX-512 Xeon the reference is the more accurate one by up to 2.7x (dq, ddq at N = 784-1024; 20 eps of
+    the largest entry at most), where on the AMD EPYC machines it was within 2x."""
     for d, e in [(1, 1), (2, 2), (3, 3), (5, 5), (2, 1), (4, 3)]:
-        compare_all(1, 2, n, d, e, torch.float32, cpu_fn)
+        compare_all(1, 2, n, d, e, torch.float32, cpu_fn, factor=4.0)
 
 
 @pytest.mark.needs_ext

@@ -191,12 +191,12 @@ def test_config_errors_name_the_file_and_the_field(run, capsys, change, words):
     one_line_error(capsys, str(run / "config.json"), *words)
 
 
-BUILT_COEFF = model_config_of(TrainConfig()).coeff  # of the default preset, which the run fixture uses
+BUILT = model_config_of(TrainConfig())  # the default preset's model, which the run fixture uses
 
 
 @pytest.mark.parametrize("change,words", [
-    (lambda m: m.update(hidden=64), ["hidden: 64 (built: 32)"]),
-    (lambda m: (m.update(coeff=0.5), m["estimator"].update(lam=3.0)), [f"coeff: 0.5 (built: {BUILT_COEFF})",
+    (lambda m: m.update(hidden=BUILT.hidden + 1), [f"hidden: {BUILT.hidden + 1} (built: {BUILT.hidden})"]),
+    (lambda m: (m.update(coeff=0.5), m["estimator"].update(lam=3.0)), [f"coeff: 0.5 (built: {BUILT.coeff})",
                                                                         "estimator.lam: 3.0 (built: 2.0)"]),
     (lambda m: m.update(colour="red"), ["colour: 'red' (no such model field)"]),
     (lambda m: m.update(squeeze_first=1), ["squeeze_first: 1 (built: True)"]),
