@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import acf
-from acf.data import load_dataset, to_float
+from acf.data import DATASETS, load_dataset, to_float
 
 
 def classifier(channels: int, hw: tuple[int, int], classes: int) -> nn.Module:
@@ -39,7 +39,10 @@ def train_classifier(data: str, epochs: int = 8, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     x, y = images_and_labels(data, "train")
     xt, yt = images_and_labels(data, "test")
-    net = classifier(x.shape[1], tuple(x.shape[2:]), int(y.max()) + 1)
+    classes = DATASETS[data].n_classes
+    if classes == 0:
+        raise SystemExit(f"{data} has no labels: no classifier to train")
+    net = classifier(x.shape[1], tuple(x.shape[2:]), classes)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     for _ in range(epochs):
         net.train()
@@ -56,7 +59,7 @@ def train_classifier(data: str, epochs: int = 8, seed: int = 0) -> nn.Module:
 
 
 def last_test_bpd(run: Path) -> str:
-    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("test_bpd")]
+    rows = [r for r in csv.DictReader((run / "metrics.csv").read_text().splitlines()) if r.get("test_bpd")]
     return f"{float(rows[-1]['test_bpd']):.4f}" if rows else "-"
 
 

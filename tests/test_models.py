@@ -43,6 +43,14 @@ def test_variant_builds_inverts_and_samples(arch, attention, form):
     assert samples.shape == (3, 1, 8, 8) and bool(torch.isfinite(samples).all())
 
 
+def exact_log_prob(model, x):
+    """``log N(z) + log |det df/dx|`` of one image ``x`` (a batch of 1), from the model's full Jacobian."""
+    dims = x[0].numel()
+    jac = torch.autograd.functional.jacobian(lambda t: model(t)[0], x).reshape(dims, dims)
+    z = model(x)[0][0]
+    return -0.5 * (z**2).sum() - dims / 2 * math.log(2 * math.pi) + torch.linalg.slogdet(jac)[1]
+
+
 def test_log_prob_matches_exact_change_of_variables():
     """With exact block log-dets, log p(x) equals log N(z) + log |det| of the model's full Jacobian."""
     model = tiny("resflow", "l2", factor_out=True, estimator=LogdetEstimator(method="exact")).double()
@@ -50,9 +58,7 @@ def test_log_prob_matches_exact_change_of_variables():
     model(x)
     model.eval()
     xs = x[:1]
-    jac = torch.autograd.functional.jacobian(lambda t: model(t)[0], xs).reshape(64, 64)
-    z, _ = model(xs)
-    expected = -0.5 * (z**2).sum() - 32 * math.log(2 * math.pi) + torch.linalg.slogdet(jac)[1]
+    expected = exact_log_prob(model, xs)
     torch.testing.assert_close(model.log_prob(xs)[0], expected)
     bpd = model.bits_per_dim(xs)[0]
     torch.testing.assert_close(bpd, -(expected - 64 * math.log(256)) / (64 * math.log(2)))
@@ -72,9 +78,7 @@ def test_factor_out_after_an_unsqueezed_stage(squeeze_first):
         z, _ = model(x)
         assert z.shape == (3, 64)
         assert float((model.inverse(z, tol=1e-12) - x).abs().max()) <= 1e-8
-    jac = torch.autograd.functional.jacobian(lambda t: model(t)[0], x[:1]).reshape(64, 64)
-    expected = -0.5 * (z[0] ** 2).sum() - 32 * math.log(2 * math.pi) + torch.linalg.slogdet(jac)[1]
-    torch.testing.assert_close(model.log_prob(x[:1])[0], expected)
+    torch.testing.assert_close(model.log_prob(x[:1])[0], exact_log_prob(model, x[:1]))
 
 
 def test_hybrid_head_and_presets():
@@ -108,10 +112,7 @@ def test_preactivation_off_lets_the_branches_see_the_sign_of_their_input():
         model.eval()
         with torch.no_grad():
             assert float((model.inverse(model(x)[0], tol=1e-12) - x).abs().max()) <= 1e-8
-        jac = torch.autograd.functional.jacobian(lambda t: model(t)[0], x[:1]).reshape(64, 64)
-        z = model(x[:1])[0][0]
-        expected = -0.5 * (z ** 2).sum() - 32 * math.log(2 * math.pi) + torch.linalg.slogdet(jac)[1]
-        torch.testing.assert_close(model.log_prob(x[:1])[0], expected)
+        torch.testing.assert_close(model.log_prob(x[:1])[0], exact_log_prob(model, x[:1]))
 
 
 @pytest.mark.parametrize("kwargs,match", [
