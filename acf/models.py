@@ -154,17 +154,12 @@ PRESETS: dict[str, dict] = {
     # Small enough for a 2-core laptop, valid for every data set's shape (the experiments' model).
     "cpu": dict(n_scales=2, blocks_per_scale=2, hidden=32, growth=16, depth=2, fc_blocks=0),
     "cpu-fc": _CPU_FC,
-    # The Residual Flow default of 2026-12-05: deeper (3 blocks per stage and 3 fully connected blocks, 24 hidden
-    # channels), with Residual Flow branches that start with their first convolution instead of LipSwish (``preactivation=False``),
+    # ``acf train``'s default: deeper (3 blocks per stage and 3 fully connected blocks, 24 hidden channels), with
+    # Residual Flow branches that start with their first convolution instead of LipSwish (``preactivation=False``),
     # so that they see the sign of their input (after the logit transform, MNIST's background is negative):
     # connected strokes instead of dots in the samples, and 0.05 bits/dim lower in the same ten minutes
     # (bench/results/2026-12-05-default-run-preactivation.md).
     "cpu-deep-nopreact": dict(_CPU_FC, blocks_per_scale=3, hidden=24, fc_blocks=3, preactivation=False),
-    # ``acf train``'s default (with ``arch="idensenet"``): the same depth as an invertible DenseNet, coefficient 0.97,
-    # fully connected blocks without their first activation. Its latent space keeps a digit's identity when the
-    # latent is scaled down, which is what sampling at a temperature below 1 does (a Residual Flow's thins towards
-    # the "1" its origin decodes to): bench/results/2026-12-05-default-run-temperature.md.
-    "cpu-dense": dict(_CPU_FC, blocks_per_scale=3, fc_blocks=3, coeff=0.97, preactivation=False),
     # Paper scale, after Residual Flows' settings (3 scales, 16 blocks, 512 hidden, FC blocks).
     "mnist": dict(n_scales=3, squeeze_first=False, blocks_per_scale=16, hidden=512, coeff=0.98, factor_out=True, fc_blocks=4,
                   fc_hidden=128, logit_alpha=1e-6),

@@ -32,14 +32,14 @@ class TrainConfig(AttentionSettings):
 
     data: str = DEFAULT_DATASET
     data_root: Optional[str] = None
-    arch: str = "idensenet"
+    arch: str = "resflow"
     attention: Optional[str] = None  # one of ATTENTION_CHOICES (None: no attention); see docs/RESULTS.md
     heads: int = 4
-    preset: str = "cpu-dense"
+    preset: str = "cpu-deep-nopreact"
     task: str = "density"            # one of TASKS
-    steps: int = 3300
+    steps: int = 4500
     batch_size: int = 32
-    lr: float = 5e-3
+    lr: float = 1e-2
     warmup: int = 100
     lr_schedule: str = "decay"        # after the warm-up: one of LR_SCHEDULES (acf.train.trainer.lr_factor)
     ema_decay: float = 0.99
@@ -48,7 +48,7 @@ class TrainConfig(AttentionSettings):
     device: str = "cpu"              # or "auto": CUDA when available (what `acf train` uses unless told)
     eval_every: int = 1000
     eval_size: Optional[int] = 1000  # the first test images per evaluation (all of MNIST-5k's; None: every one)
-    n_exact: int = 6                 # roulette: exact terms in training
+    n_exact: int = 2                 # roulette: exact terms in training
     n_exact_eval: int = 20           # ... and in evaluation
     lam: float = 2.0                 # Poisson rate of the roulette
     grad: str = "neumann"            # log-det gradient: neumann, memory_efficient, backprop
