@@ -160,6 +160,11 @@ PRESETS: dict[str, dict] = {
     # connected strokes instead of dots in the samples, and 0.05 bits/dim lower in the same ten minutes
     # (bench/results/2026-12-05-default-run-preactivation.md).
     "cpu-deep-nopreact": dict(_CPU_FC, blocks_per_scale=3, hidden=24, fc_blocks=3, preactivation=False),
+    # The same depth for ``--arch idensenet`` (coefficient 0.97, FC blocks without their first activation; train with
+    # ``--lr 5e-3 --n-exact 6 --steps 3300``): its latent keeps a digit when scaled down (bolder samples at temperature
+    # 0.7), but a reader names no more of them, at 0.014 bits/dim more in the same minutes
+    # (bench/results/2026-12-05-default-run-temperature.md).
+    "cpu-dense": dict(_CPU_FC, blocks_per_scale=3, fc_blocks=3, coeff=0.97, preactivation=False),
     # Paper scale, after Residual Flows' settings (3 scales, 16 blocks, 512 hidden, FC blocks).
     "mnist": dict(n_scales=3, squeeze_first=False, blocks_per_scale=16, hidden=512, coeff=0.98, factor_out=True, fc_blocks=4,
                   fc_hidden=128, logit_alpha=1e-6),
