@@ -16,7 +16,7 @@ from . import runfolder
 from ._checks import check_int, resolve_device
 from .data import ImageDataset, load_dataset, to_float
 from .figures import save_figure, save_grid, save_samples
-from .layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
+from .layers.flow import bits_per_dim, uniform_dequantize
 from .models import ACFModel
 from .runfolder import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES
 from .train.config import TrainConfig, build_for, read_run_config
@@ -174,7 +174,7 @@ def awgn_robustness(model: ACFModel, test: ImageDataset, sigmas: Sequence[float]
         torch.manual_seed(seed)  # the same log-det probes for every sigma
         z, logdet = model(x)
         x_rec, bad = count_nonconverged(lambda: model.inverse(z))
-        rows.append({"sigma": sigma, "bits_per_dim": float(bits_per_dim(standard_normal_logprob(z) + logdet,
+        rows.append({"sigma": sigma, "bits_per_dim": float(bits_per_dim(model.prior_log_prob(z) + logdet,
                                                                           model.dims).mean()),
                      "reconstruction_error": float((x_rec - x).abs().max()), "nonconverged_blocks": bad,
                      "changed_pixels": float((pixels != torch.round(images * 255)).float().mean())})

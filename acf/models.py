@@ -23,7 +23,8 @@ from .layers.coupling import AffineCoupling
 from .layers.attention import (ATTENTIONS, DEFAULT_DELTA_MAX, DEFAULT_LAYOUT, DEFAULT_RADIUS, DELTA_LIMIT, HEAD_LAYOUTS,
                                LAYER_FORMS)
 from .layers.branches import BRANCHES, GATED_WEIGHT, attention_branch, resflow_branch
-from .layers.flow import ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, standard_normal_logprob
+from .layers.flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, gaussian_mixture_logprob,
+                          standard_normal_logprob)
 from .layers.logdet import LogdetEstimator
 from .layers.spectral_norm import refresh_spectral_norms
 
@@ -104,6 +105,7 @@ class ModelConfig(AttentionSettings):
     positional: bool = False         # attention: a learnt positional embedding added to its tokens
     kernel_size: int = 3             # iresnet / resflow: the branch's outer kernels (k-1-k); 1: no spatial mixing
     preactivation: bool = True       # resflow branches and FC blocks: LipSwish on the branch's input too (Chen et al.)
+    prior_components: int = 0        # 0: z ~ N(0, I); K: an equal mixture of K unit Gaussians with learnt means
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or self.arch not in ARCHS:
@@ -131,6 +133,7 @@ class ModelConfig(AttentionSettings):
                                      f"(stages 0..{self.n_scales - 1})")
             object.__setattr__(self, "attention_scales", tuple(sorted(set(self.attention_scales))))
         check_int(self.fc_blocks, "fc_blocks", minimum=0)
+        check_int(self.prior_components, "prior_components", minimum=0)
         if self.n_classes is not None:
             check_int(self.n_classes, "n_classes", minimum=2)
         for name in ("squeeze_first", "factor_out", "positional", "preactivation"):
@@ -150,16 +153,23 @@ class ModelConfig(AttentionSettings):
 # 0.008-0.01 bits/dim below 0.97).
 _CPU_FC = dict(n_scales=2, blocks_per_scale=2, hidden=32, growth=16, depth=2, fc_blocks=2, fc_hidden=128, coeff=0.99)
 
+_CPU_DEEP = dict(_CPU_FC, blocks_per_scale=3, hidden=24, fc_blocks=3, preactivation=False)
+
 PRESETS: dict[str, dict] = {
     # Small enough for a 2-core laptop, valid for every data set's shape (the experiments' model).
     "cpu": dict(n_scales=2, blocks_per_scale=2, hidden=32, growth=16, depth=2, fc_blocks=0),
     "cpu-fc": _CPU_FC,
-    # ``acf train``'s default: deeper (3 blocks per stage and 3 fully connected blocks, 24 hidden channels), with
-    # Residual Flow branches that start with their first convolution instead of LipSwish (``preactivation=False``),
+    # The default of 2026-12-05 (first): deeper (3 blocks per stage and 3 fully connected blocks, 24 hidden
+    # channels), with Residual Flow branches that start with their first convolution instead of LipSwish (``preactivation=False``),
     # so that they see the sign of their input (after the logit transform, MNIST's background is negative):
     # connected strokes instead of dots in the samples, and 0.05 bits/dim lower in the same ten minutes
     # (bench/results/2026-12-05-default-run-preactivation.md).
-    "cpu-deep-nopreact": dict(_CPU_FC, blocks_per_scale=3, hidden=24, fc_blocks=3, preactivation=False),
+    "cpu-deep-nopreact": _CPU_DEEP,
+    # ``acf train``'s default: the same flow with a prior of 10 unit Gaussians around learnt means
+    # (``prior_components``). Sampling at temperature 0.7 scales the latent towards a component's mean instead of
+    # the origin, which the flow above decodes as a thin "1": bolder samples, most of them nameable
+    # (bench/results/2026-12-05-default-run-temperature.md).
+    "cpu-deep-mixture": dict(_CPU_DEEP, prior_components=10),
     # The same depth for ``--arch idensenet`` (coefficient 0.97, FC blocks without their first activation; train with
     # ``--lr 5e-3 --n-exact 6 --steps 3300``): its latent keeps a digit when scaled down (bolder samples at temperature
     # 0.7), but a reader names no more of them, at 0.014 bits/dim more in the same minutes
@@ -284,6 +294,8 @@ class ACFModel(nn.Module):
             fc += [ActNorm(dim), ContractiveBlock(g, cfg.estimator)]
         self.fc = SequentialFlow(fc)
         self.head = nn.Linear(math.prod(cfg.input_shape), cfg.n_classes) if cfg.n_classes else None
+        k = cfg.prior_components  # drawn last: every other parameter starts as in the model without it
+        self.prior_means = nn.Parameter(0.3 * torch.randn(k, self.dims)) if k else None
 
     @property
     def dims(self) -> int:
@@ -327,7 +339,13 @@ class ACFModel(nn.Module):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log p(x)`` per sample for ``x`` in ``[0, 1]``."""
         z, logdet = self(x)
-        return standard_normal_logprob(z) + logdet
+        return self.prior_log_prob(z) + logdet
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """``log p_Z(z)`` per sample: ``N(0, I)``, or the mixture of ``prior_components`` unit Gaussians."""
+        if self.prior_means is None:
+            return standard_normal_logprob(z)
+        return gaussian_mixture_logprob(z, self.prior_means)
 
     def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Bits per dimension of dequantised 8-bit data ``x``: ``-(log p(x) - D log 256) / (D log 2)``."""
@@ -336,8 +354,9 @@ class ACFModel(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, return_log_prob: bool = False,
                **inverse_kwargs: object) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``n`` (>= 1) images ``x`` in ``[0, 1]``: ``f^-1(z)`` for ``z ~ N(0, temperature^2 I)``
-        (``temperature >= 0``; below 1 trades diversity for cleaner images), clamped to ``[0, 1]``
+        """``n`` (>= 1) images ``x`` in ``[0, 1]``: ``f^-1(z)`` for ``z ~ N(0, temperature^2 I)``, or with a
+        mixture prior ``z = mu_k + temperature * eps`` for a uniform component ``k`` (``temperature >= 0``;
+        below 1 trades diversity for cleaner images), clamped to ``[0, 1]``
         (the inverse can land a hair outside the data's range). ``inverse_kwargs`` (``tol``,
         ``max_iter``, ``on_fail``, ``method``) reach the residual blocks' inversion.
 
@@ -351,6 +370,8 @@ class ACFModel(nn.Module):
         check_real(temperature, "temperature", low=0.0)
         p = next(self.parameters())
         z = torch.randn(n, self.dims, device=p.device, dtype=p.dtype) * temperature
+        if self.prior_means is not None:
+            z = z + self.prior_means.detach()[torch.randint(len(self.prior_means), (n,), device=p.device)]
         x = self.inverse(z, **inverse_kwargs).clamp(0.0, 1.0)
         if not return_log_prob:
             return x

@@ -103,6 +103,16 @@ def standard_normal_logprob(z: torch.Tensor) -> torch.Tensor:
     return (-0.5 * (z**2 + math.log(2 * math.pi))).flatten(1).sum(1)
 
 
+def gaussian_mixture_logprob(z: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """``log (1/K) sum_k N(z; mu_k, I)`` summed per sample, for ``means`` ``(K, D)`` and ``z`` ``(B, D...)``: an
+    equal mixture of unit Gaussians around learnt means (the prior of FlowGMM, Izmailov et al. 2020)."""
+    z = z.flatten(1)
+    if means.dim() != 2 or means.shape[1] != z.shape[1]:
+        raise ValueError(f"means must have shape (K, {z.shape[1]}), got {tuple(means.shape)}")
+    sq = (z.unsqueeze(1) - means.unsqueeze(0)).pow(2).sum(-1)  # (B, K)
+    return torch.logsumexp(-0.5 * sq, dim=1) - math.log(means.shape[0]) - 0.5 * z.shape[1] * math.log(2 * math.pi)
+
+
 def bits_per_dim(logp: torch.Tensor, dims: int, n_bins: int = 256) -> torch.Tensor:
     """``-(log p(x) - D log n_bins) / (D log 2)`` for ``log p`` of data dequantised to ``[0, 1)``."""
     return -(logp - dims * math.log(n_bins)) / (dims * math.log(2.0))

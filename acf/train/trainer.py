@@ -22,7 +22,7 @@ from .._checks import NonFiniteError, check_int, first_non_finite, resolve_devic
 from ..data import endless_batches, load_dataset, make_loader, to_float
 from ..errors import ACFError
 from ..layers.block import CertificateError, ContractiveBlock, certified_bounds, truncated_series, uncertified_warning
-from ..layers.flow import bits_per_dim, standard_normal_logprob, uniform_dequantize
+from ..layers.flow import bits_per_dim, uniform_dequantize
 from ..models import ACFModel
 from ..runfolder import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES
 from .config import DECAY_FRACTION, TrainConfig, build_for, config_diff
@@ -107,7 +107,7 @@ class Trainer:
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, bits/dim per sample, z)`` on a batch of ``[0, 1]`` images (dequantised here)."""
         z, logdet = model(uniform_dequantize(x))
-        bpd = bits_per_dim(standard_normal_logprob(z) + logdet, model.dims)
+        bpd = bits_per_dim(model.prior_log_prob(z) + logdet, model.dims)
         loss = bpd.mean()
         if self.cfg.task == "hybrid":
             loss = loss + F.cross_entropy(model.classify(z), y)
