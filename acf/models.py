@@ -160,14 +160,14 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(n_scales=2, blocks_per_scale=2, hidden=32, growth=16, depth=2, fc_blocks=0),
     "cpu-fc": _CPU_FC,
     # The default of 2026-12-05 (first): deeper (3 blocks per stage and 3 fully connected blocks, 24 hidden
-    # channels), with Residual Flow branches that start with their first convolution instead of LipSwish (``preactivation=False``),
-    # so that they see the sign of their input (after the logit transform, MNIST's background is negative):
-    # connected strokes instead of dots in the samples, and 0.05 bits/dim lower in the same ten minutes
-    # (bench/results/2026-12-05-default-run-preactivation.md).
+    # channels), with Residual Flow branches that start with their first convolution instead of LipSwish
+    # (``preactivation=False``), so that they see the sign of their input (after the logit transform, MNIST's
+    # background is negative): connected strokes instead of dots in the samples, and 0.05 bits/dim lower in the
+    # same ten minutes (bench/results/2026-12-05-default-run-preactivation.md).
     "cpu-deep-nopreact": _CPU_DEEP,
-    # ``acf train``'s default: the same flow with a prior of 10 unit Gaussians around learnt means
-    # (``prior_components``). Sampling at temperature 0.7 scales the latent towards a component's mean instead of
-    # the origin, which the flow above decodes as a thin "1": bolder samples, most of them nameable
+    # The same flow with a prior of 10 unit Gaussians around learnt means (``prior_components``): sampling at a
+    # temperature below 1 pulls the latent towards a component's mean instead of the origin, which the flow above
+    # decodes as a thin "1". Bolder samples; as many nameable in the timed runs, at about the same bits/dim
     # (bench/results/2026-12-05-default-run-temperature.md).
     "cpu-deep-mixture": dict(_CPU_DEEP, prior_components=10),
     # The same depth for ``--arch idensenet`` (coefficient 0.97, FC blocks without their first activation; train with
