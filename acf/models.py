@@ -371,7 +371,7 @@ class ACFModel(nn.Module):
         p = next(self.parameters())
         z = torch.randn(n, self.dims, device=p.device, dtype=p.dtype) * temperature
         if self.prior_means is not None:
-            z = z + self.prior_means.detach()[torch.randint(len(self.prior_means), (n,), device=p.device)]
+            z = z + self.prior_means[torch.randint(len(self.prior_means), (n,), device=p.device)]
         x = self.inverse(z, **inverse_kwargs).clamp(0.0, 1.0)
         if not return_log_prob:
             return x

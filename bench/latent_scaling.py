@@ -2,12 +2,14 @@
 
 Run: ``python bench/latent_scaling.py OUT.png [LABEL=]RUN ...`` (CPU, seconds per run; ``LABEL`` names the
 run in the figure, else its folder's name). A sample at
-temperature ``T`` is ``f^{-1}(T z)`` with ``z ~ N(0, I)``, so how a model treats ``f^{-1}(s f(x))`` for
-real digits ``x`` and ``s < 1`` is how its samples change with the temperature: a model whose latent
-space keeps a digit's identity along the ray from the origin draws nameable digits at ``T = 0.7``; one
-whose origin decodes to a thin "1" thins every digit towards it. For each run the first ``--n`` test
-images (dequantised with a fixed seed) are encoded, their latents scaled by each of ``--scales``
-(``0``: the origin), decoded, and drawn one block per scale into ``OUT.png`` (one figure, runs stacked);
+temperature ``T`` is ``f^{-1}(c + T eps)``, ``eps ~ N(0, I)``, around the prior's centre ``c`` (the
+origin, or a mixture prior's component mean), so how a model treats ``f^{-1}(c + s (f(x) - c))`` for real
+digits ``x`` and ``s < 1`` is how its samples change with the temperature: a model whose latent space
+keeps a digit's identity along the ray from the centre draws nameable digits at ``T = 0.7``; one whose
+origin decodes to a thin "1" thins every digit towards it. For each run the first ``--n`` test images
+(dequantised with a fixed seed) are encoded, their latents scaled by each of ``--scales`` about the
+centre (the origin, or with a mixture prior the mean of each latent's most likely component; ``0``: the
+centre itself), decoded, and drawn one block per scale into ``OUT.png`` (one figure, runs stacked);
 printed per run, as a markdown row: the share of pixels above 0.5 ("ink") in the decoded images at each
 scale (the data's own is the scale 1 column).
 """
@@ -42,7 +44,9 @@ def main() -> None:
         images = to_float(load_dataset(model.train_config.data, None, "test").images[:args.n])
         with torch.no_grad():
             z, _ = model(uniform_dequantize(images, torch.Generator().manual_seed(0)))
-            decoded = [model.inverse(z * s) for s in args.scales]
+            centre = torch.zeros_like(z) if model.prior_means is None else \
+                model.prior_means[torch.cdist(z, model.prior_means).argmin(1)]
+            decoded = [model.inverse(centre + s * (z - centre)) for s in args.scales]
         print(f"| {label} | " + " | ".join(f"{float((x > 0.5).float().mean()):.3f}" for x in decoded) + " |")
         blocks += [(f"{label}\nz x {s:g}" if i == 0 else f"z x {s:g}", x, -(-args.n // 8))
                    for i, (s, x) in enumerate(zip(args.scales, decoded))]
