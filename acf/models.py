@@ -165,12 +165,12 @@ PRESETS: dict[str, dict] = {
     # background is negative): connected strokes instead of dots in the samples, and 0.05 bits/dim lower in the
     # same ten minutes (bench/results/2026-12-05-default-run-preactivation.md).
     "cpu-deep-nopreact": _CPU_DEEP,
-    # The default since 2026-12-05 (second): the same flow with a prior of 50 unit Gaussians around learnt means
-    # (``prior_components``). Sampling at a temperature below 1 pulls a latent towards its component's mean, a
-    # prototype digit, instead of the origin, which the flow above decodes as a thin "1": at temperature 0.7 bold
-    # digits a reader names, where N(0, I) draws thin fragments; about 0.01 bits/dim more
-    # (bench/results/2026-12-05-default-run-mixture.md; 10 components: 2026-12-05-default-run-temperature.md).
-    "cpu-deep-mixture": dict(_CPU_DEEP, prior_components=50),
+    # The same flow with a prior of 10 unit Gaussians around learnt means (``prior_components``). Learnt without
+    # labels the mixture collapses: nearly every training latent sits nearest one component, near the origin, and
+    # the other means stay about where they started, holding 9/10 of the prior's mass at a cost of only
+    # log(10) / (784 log 2) bits/dim. Its bolder samples at temperature 0.7 are drawn around those unused means;
+    # around the used one they are as thin as N(0, I)'s (bench/results/2026-12-05-default-run-mixture.md).
+    "cpu-deep-mixture": dict(_CPU_DEEP, prior_components=10),
     # The same depth for ``--arch idensenet`` (coefficient 0.97, FC blocks without their first activation; train with
     # ``--lr 5e-3 --n-exact 6 --steps 3300``): its latent keeps a digit when scaled down (bolder samples at temperature
     # 0.7), but a reader names no more of them, at 0.014 bits/dim more in the same minutes

@@ -11,7 +11,8 @@ origin decodes to a thin "1" thins every digit towards it. For each run the firs
 centre (the origin, or with a mixture prior the mean of each latent's most likely component; ``0``: the
 centre itself), decoded, and drawn one block per scale into ``OUT.png`` (one figure, runs stacked);
 printed per run, as a markdown row: the share of pixels above 0.5 ("ink") in the decoded images at each
-scale (the data's own is the scale 1 column).
+scale (the data's own is the scale 1 column), and with a mixture prior how many components the latents
+are nearest (one: the mixture has collapsed, and the other means hold mass no data uses).
 """
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ def main() -> None:
                 model.prior_means[torch.cdist(z, model.prior_means).argmin(1)]
             decoded = [model.inverse(centre + s * (z - centre)) for s in args.scales]
         print(f"| {label} | " + " | ".join(f"{float((x > 0.5).float().mean()):.3f}" for x in decoded) + " |")
+        if model.prior_means is not None:  # a mixture learnt without labels can collapse onto one component
+            nearest = torch.bincount(torch.cdist(z, model.prior_means).argmin(1), minlength=len(model.prior_means))
+            print(f"  {label}: the {args.n} latents are nearest {int((nearest > 0).sum())} of the "
+                  f"{len(model.prior_means)} components, the most used one holding {float(nearest.max()) / args.n:.0%}")
         blocks += [(f"{label}\nz x {s:g}" if i == 0 else f"z x {s:g}", x, -(-args.n // 8))
                    for i, (s, x) in enumerate(zip(args.scales, decoded))]
     save_grids(blocks, args.out, f"the first {args.n} test images, latents scaled and decoded")

@@ -35,7 +35,7 @@ class TrainConfig(AttentionSettings):
     arch: str = "resflow"
     attention: Optional[str] = None  # one of ATTENTION_CHOICES (None: no attention); see docs/RESULTS.md
     heads: int = 4
-    preset: str = "cpu-deep-mixture"
+    preset: str = "cpu-deep-nopreact"
     task: str = "density"            # one of TASKS
     steps: int = 4500
     batch_size: int = 32
