@@ -45,14 +45,14 @@ def main() -> None:
         images = to_float(load_dataset(model.train_config.data, None, "test").images[:args.n])
         with torch.no_grad():
             z, _ = model(uniform_dequantize(images, torch.Generator().manual_seed(0)))
-            centre = torch.zeros_like(z) if model.prior_means is None else \
-                model.prior_means[torch.cdist(z, model.prior_means).argmin(1)]
+            nearest = None if model.prior_means is None else torch.cdist(z, model.prior_means).argmin(1)
+            centre = torch.zeros_like(z) if nearest is None else model.prior_means[nearest]
             decoded = [model.inverse(centre + s * (z - centre)) for s in args.scales]
         print(f"| {label} | " + " | ".join(f"{float((x > 0.5).float().mean()):.3f}" for x in decoded) + " |")
-        if model.prior_means is not None:  # a mixture learnt without labels can collapse onto one component
-            nearest = torch.bincount(torch.cdist(z, model.prior_means).argmin(1), minlength=len(model.prior_means))
-            print(f"  {label}: the {args.n} latents are nearest {int((nearest > 0).sum())} of the "
-                  f"{len(model.prior_means)} components, the most used one holding {float(nearest.max()) / args.n:.0%}")
+        if nearest is not None:  # a mixture learnt without labels can collapse onto one component
+            used = torch.bincount(nearest, minlength=len(model.prior_means))
+            print(f"  {label}: the {args.n} latents are nearest {int((used > 0).sum())} of the "
+                  f"{len(model.prior_means)} components, the most used one holding {float(used.max()) / args.n:.0%}")
         blocks += [(f"{label}\nz x {s:g}" if i == 0 else f"z x {s:g}", x, -(-args.n // 8))
                    for i, (s, x) in enumerate(zip(args.scales, decoded))]
     save_grids(blocks, args.out, f"the first {args.n} test images, latents scaled and decoded")

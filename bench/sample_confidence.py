@@ -121,5 +121,6 @@ def main() -> None:
         save_grids(blocks, args.figure, f"temperature {args.temperature:g}, torch.manual_seed({args.seed}) for every run")
         print(args.figure)
 
+
 if __name__ == "__main__":
     main()
