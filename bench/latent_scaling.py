@@ -25,6 +25,7 @@ import acf
 from acf.data import load_dataset, to_float
 from acf.figures import save_grids
 from acf.layers.flow import uniform_dequantize
+from sample_confidence import ink, labelled_run  # bench/ is the script's directory
 
 
 def main() -> None:
@@ -38,9 +39,7 @@ def main() -> None:
     print("|---|" + "---|" * len(args.scales))
     blocks = []
     for arg in args.runs:
-        label, _, path = arg.rpartition("=")
-        run = Path(path)
-        label = label or run.name
+        label, run = labelled_run(arg)
         model = acf.load_run(run, device="cpu")
         images = to_float(load_dataset(model.train_config.data, None, "test").images[:args.n])
         with torch.no_grad():
@@ -48,7 +47,7 @@ def main() -> None:
             nearest = None if model.prior_means is None else torch.cdist(z, model.prior_means).argmin(1)
             centre = torch.zeros_like(z) if nearest is None else model.prior_means[nearest]
             decoded = [model.inverse(centre + s * (z - centre)) for s in args.scales]
-        print(f"| {label} | " + " | ".join(f"{float((x > 0.5).float().mean()):.3f}" for x in decoded) + " |")
+        print(f"| {label} | " + " | ".join(f"{float(ink(x).mean()):.3f}" for x in decoded) + " |")
         if nearest is not None:  # a mixture learnt without labels can collapse onto one component
             used = torch.bincount(nearest, minlength=len(model.prior_means))
             print(f"  {label}: the {args.n} latents are nearest {int((used > 0).sum())} of the "

@@ -65,6 +65,12 @@ def train_classifier(data: str, epochs: int = 8, seed: int = 0) -> nn.Module:
     return net
 
 
+def labelled_run(arg: str) -> tuple[str, Path]:
+    """``LABEL=RUN`` or ``RUN`` -> ``(label, run folder)``; the label defaults to the folder's name."""
+    label, _, path = arg.rpartition("=")
+    return label or Path(path).name, Path(path)
+
+
 def ink(x: torch.Tensor) -> torch.Tensor:
     """Per image, the share of pixels above 0.5."""
     return (x > 0.5).float().flatten(1).mean(1)
@@ -88,7 +94,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--figure", type=Path, help="also draw each run's first 32 samples into this PNG")
     args = parser.parse_args()
-    labelled = [(label or Path(path).name, Path(path)) for label, _, path in (a.rpartition("=") for a in args.runs)]
+    labelled = [labelled_run(arg) for arg in args.runs]
     models = [acf.load_run(run, device="cpu") for _, run in labelled]
     data = {m.train_config.data for m in models}
     if len(data) != 1:
@@ -109,14 +115,15 @@ def main() -> None:
         with torch.no_grad():
             x = model.sample(args.n, temperature=args.temperature)
             prob = F.softmax(net(x), dim=1)
-        top, sure = prob.amax(1), prob.argmax(1)[prob.amax(1) > 0.9]
-        counts = torch.bincount(sure, minlength=prob.shape[1])
-        largest = f"{float(counts.max()) / len(sure):.2f}" if len(sure) else "-"
+        top, label_of = prob.max(1)
+        counts = torch.bincount(label_of[top > 0.9], minlength=prob.shape[1])
+        largest = f"{float(counts.max() / counts.sum()):.2f}" if counts.sum() else "-"
         ratio = float(nearest_distance(x, train).median()) / novelty
-        print(f"| {label} | {last_test_bpd(run)} | {float((ink(x) < thin).float().mean()):.3f} | {float(top.mean()):.3f} "
+        bpd = last_test_bpd(run)
+        print(f"| {label} | {bpd} | {float((ink(x) < thin).float().mean()):.3f} | {float(top.mean()):.3f} "
               f"| {float((top > 0.9).float().mean()):.3f} | {float((top > 0.99).float().mean()):.3f} "
               f"| {int((counts > 0).sum())} | {largest} | {ratio:.2f} |")
-        blocks.append((f"{label} ({last_test_bpd(run)})", x[:32], 4))
+        blocks.append((f"{label} ({bpd})", x[:32], 4))
     if args.figure is not None:
         save_grids(blocks, args.figure, f"temperature {args.temperature:g}, torch.manual_seed({args.seed}) for every run")
         print(args.figure)
