@@ -37,8 +37,9 @@ try:  # Ctrl-C in the first seconds (importing torch and the rest) is the comman
     from .layers.attention_bounds import l2_mha_lipschitz_bound, l2_tight_constant, lipnorm_lipschitz_bound
     from .layers.block import CertificateError, ContractiveBlock, LipschitzChain, certified_bounds
     from .layers.branches import idensenet_branch, iresnet_branch, resflow_branch
-    from .layers.flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, gaussian_mixture_logprob,
-                              standard_normal_logprob, uniform_dequantize)
+    from .layers.flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim,
+                              gaussian_component_logprob, gaussian_mixture_logprob, standard_normal_logprob,
+                              uniform_dequantize)
     from .layers.logdet import LogdetEstimator, exact_logdet, logdet_estimate
     from .layers.spectral_norm import SpectralConv2d, SpectralLinear, norm_bounds, refresh_spectral_norms, spectral_norm
     from .models import ACFModel, ModelConfig, build_model
@@ -71,7 +72,8 @@ __all__ = [
     "ActNorm", "CLipSwish", "ContractiveBlock", "ConvergenceError", "DotProductAttention", "ELU",
     "FixedPointInfo", "L2MultiheadAttention", "L2TightAttention", "LipNormAttention", "LipSwish", "LipschitzChain",
     "LogdetEstimator", "LogitTransform", "SequentialFlow", "SpectralConv2d", "SpectralLinear", "Squeeze",
-    "bits_per_dim", "certified_bounds", "exact_logdet", "fixed_point_solve", "gaussian_mixture_logprob",
+    "bits_per_dim", "certified_bounds", "exact_logdet", "fixed_point_solve", "gaussian_component_logprob",
+    "gaussian_mixture_logprob",
     "idensenet_branch", "iresnet_branch",
     "l2_attention", "load_run", "l2_mha_lipschitz_bound", "l2_tight_constant", "lipnorm_lipschitz_bound", "logdet_estimate",
     "make_attention", "norm_bounds", "power_iteration", "refresh_spectral_norms", "resflow_branch", "spectral_norm",

@@ -156,8 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = trainer.history[-1]
     print(f"done in {last['seconds']:.0f} s of training: test bits/dim {last['test_bpd']:.4f}"
           + (f", accuracy {last['test_acc']:.4f}" if last.get("test_acc") is not None else ""))
-    print(f"outputs in {run}: config.json metrics.csv metrics.json checkpoint.pt samples.png "
-          f"reconstructions.png convergence.png lipschitz.png")
+    print(f"outputs in {run}: " + " ".join(sorted(p.name for p in Path(run).iterdir() if not p.name.startswith("."))))
     return 0
 
 
@@ -312,7 +311,7 @@ def _train_options(tr: argparse.ArgumentParser) -> None:
     option("--model", nargs="+", metavar="KEY=VALUE", type=_model_setting,
            help="other model settings over the preset's (ModelConfig fields, values in JSON), e.g. hidden=64 "
                 "squeeze_first=false")
-    option("--task", choices=TASKS, help="hybrid: bits/dim + a linear classifier on z")
+    option("--task", choices=tuple(TASKS), help="; ".join(f"{k}: {v}" for k, v in TASKS.items()))
     group = tr.add_mutually_exclusive_group()
     option("--steps", parser=group, type=int, help="training steps (with --resume: extends the run)")
     option("--epochs", parser=group, type=int, help="... or passes over the training set")

@@ -76,6 +76,18 @@ def save_samples(model: "ACFModel", path: Path, n: int, temperatures: Sequence[f
     save_grids(blocks, path, title)
 
 
+@torch.no_grad()
+def save_class_samples(model: "ACFModel", path: Path, n: int, temperature: float, title: str,
+                       **inverse_kwargs: object) -> None:
+    """``n`` samples of each component of a mixture prior (``model.sample(component=k)``), one labelled row per
+    component: a class-conditional model's samples by class."""
+    if model.prior_means is None:
+        raise ValueError("this model's prior N(0, I) has no components (classes) to draw from")
+    blocks = [(str(k), model.sample(n, temperature=temperature, component=k, **inverse_kwargs), 1)
+              for k in range(len(model.prior_means))]
+    save_grids(blocks, path, title)
+
+
 def save_convergence(history: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [h["step"] for h in history]

@@ -23,8 +23,8 @@ from .layers.coupling import AffineCoupling
 from .layers.attention import (ATTENTIONS, DEFAULT_DELTA_MAX, DEFAULT_LAYOUT, DEFAULT_RADIUS, DELTA_LIMIT, HEAD_LAYOUTS,
                                LAYER_FORMS)
 from .layers.branches import BRANCHES, GATED_WEIGHT, attention_branch, resflow_branch
-from .layers.flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, gaussian_mixture_logprob,
-                          standard_normal_logprob)
+from .layers.flow import (ActNorm, LogitTransform, SequentialFlow, Squeeze, bits_per_dim, gaussian_component_logprob,
+                          gaussian_mixture_logprob, standard_normal_logprob)
 from .layers.logdet import LogdetEstimator
 from .layers.spectral_norm import refresh_spectral_norms
 
@@ -337,16 +337,20 @@ class ACFModel(nn.Module):
             x = self.stages[i].inverse(x, **kwargs)
         return self.pre.inverse(x)
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log p(x)`` per sample for ``x`` in ``[0, 1]``."""
+    def log_prob(self, x: torch.Tensor, component: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``log p(x)`` per sample for ``x`` in ``[0, 1]``; with ``component``, ``log p(x, k)`` (``prior_log_prob``)."""
         z, logdet = self(x)
-        return self.prior_log_prob(z) + logdet
+        return self.prior_log_prob(z, component) + logdet
 
-    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """``log p_Z(z)`` per sample: ``N(0, I)``, or the mixture of ``prior_components`` unit Gaussians."""
+    def prior_log_prob(self, z: torch.Tensor, component: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``log p_Z(z)`` per sample: ``N(0, I)``, or the mixture of ``prior_components`` unit Gaussians; with
+        ``component`` (``(B,)`` indices; a class-conditional model's labels) the joint ``log p_Z(z, k)``."""
         if self.prior_means is None:
+            if component is not None:
+                raise ValueError("component given, but this model's prior N(0, I) has no components "
+                                 "(build it with prior_components=K)")
             return standard_normal_logprob(z)
-        return gaussian_mixture_logprob(z, self.prior_means)
+        return gaussian_mixture_logprob(z, self.prior_means, component)
 
     def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Bits per dimension of dequantised 8-bit data ``x``: ``-(log p(x) - D log 256) / (D log 2)``."""
@@ -354,10 +358,12 @@ class ACFModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, return_log_prob: bool = False,
+               component: Optional[int | torch.Tensor] = None,
                **inverse_kwargs: object) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``n`` (>= 1) images ``x`` in ``[0, 1]``: ``f^-1(z)`` for ``z ~ N(0, temperature^2 I)``, or with a
         mixture prior ``z = mu_k + temperature * eps`` for a uniform component ``k`` (``temperature >= 0``;
-        below 1 trades diversity for cleaner images), clamped to ``[0, 1]``
+        below 1 trades diversity for cleaner images), clamped to ``[0, 1]``; ``component`` (an index, or ``n``
+        of them) picks the components instead (a class-conditional model's classes)
         (the inverse can land a hair outside the data's range). ``inverse_kwargs`` (``tol``,
         ``max_iter``, ``on_fail``, ``method``) reach the residual blocks' inversion.
 
@@ -372,7 +378,11 @@ class ACFModel(nn.Module):
         p = next(self.parameters())
         z = torch.randn(n, self.dims, device=p.device, dtype=p.dtype) * temperature
         if self.prior_means is not None:
-            z = z + self.prior_means[torch.randint(len(self.prior_means), (n,), device=p.device)]
+            k = torch.randint(len(self.prior_means), (n,), device=p.device) if component is None else \
+                self._components(component, n)
+            z = z + self.prior_means[k]
+        elif component is not None:
+            raise ValueError("component given, but this model's prior N(0, I) has no components")
         x = self.inverse(z, **inverse_kwargs).clamp(0.0, 1.0)
         if not return_log_prob:
             return x
@@ -382,11 +392,25 @@ class ACFModel(nn.Module):
         finally:
             self.train(was_training)
 
+    def _components(self, component: int | torch.Tensor, n: int) -> torch.Tensor:
+        """``component`` (an index or ``n`` of them) as ``(n,)`` int64 indices of the prior's components, checked."""
+        k = torch.as_tensor(component, device=self.prior_means.device)
+        if k.dtype not in (torch.int32, torch.int64) or k.dim() > 1 or (k.dim() == 1 and len(k) != n):
+            raise ValueError(f"component must be an integer or {n} integers, got {component!r}")
+        if not 0 <= int(k.min()) <= int(k.max()) < len(self.prior_means):
+            raise ValueError(f"component must lie in [0, {len(self.prior_means)}), got {component!r}")
+        return k.long().expand(n)
+
     def classify(self, z: torch.Tensor) -> torch.Tensor:
-        """Class logits of the hybrid model from the latent ``z``."""
-        if self.head is None:
-            raise ValueError("this model has no classification head (build it with n_classes=...)")
-        return self.head(z)
+        """Class logits from the latent ``z``: the hybrid model's linear head, or for a mixture prior each
+        component's ``log N(z; mu_k, I)`` (their softmax is the posterior; in a class-conditional model,
+        trained with ``task="conditional"``, component ``k`` is class ``k``)."""
+        if self.head is not None:
+            return self.head(z)
+        if self.prior_means is not None:
+            return gaussian_component_logprob(z, self.prior_means)
+        raise ValueError("this model has neither a classification head (n_classes=...) nor prior components "
+                         "(prior_components=K)")
 
     def lipschitz_bounds(self) -> list[float]:
         """Certified Lipschitz bound of every residual branch, in order (all < 1)."""

@@ -44,6 +44,7 @@ from .errors import ACFError
 # The files of a run folder (``acf train`` writes them, every command on a run reads them).
 CONFIG, CHECKPOINT = "config.json", "checkpoint.pt"
 SAMPLE_TEMPERATURES = (0.5, 0.7, 0.85, 1.0)  # samples.png (`acf train`, `acf sample`): a row block per temperature
+CLASS_SAMPLE_TEMPERATURE = 0.7  # class_samples.png of a class-conditional run: a row of samples per class
 
 PathLike = Union[str, Path]
 LOCK_NAME = ".lock"

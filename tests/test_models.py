@@ -95,7 +95,7 @@ def test_hybrid_head_and_presets():
     model = tiny("iresnet", "l2", n_classes=10)
     z, _ = model(torch.rand(2, 1, 8, 8))
     assert model.classify(z).shape == (2, 10)
-    with pytest.raises(ValueError, match="no classification head"):
+    with pytest.raises(ValueError, match="neither a classification head"):
         tiny("iresnet", None).classify(z)
     for name in PRESETS:  # every preset resolves for every data set shape it may meet
         for shape in [(1, 28, 28), (3, 32, 32), (3, 64, 64), (1, 8, 8)]:

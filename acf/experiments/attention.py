@@ -86,12 +86,13 @@ ARMS_A: tuple[tuple[str, str, dict], ...] = (
 # with, every experiment's (EXPERIMENT_SETTINGS); the attention arms name theirs.
 EXPERIMENT_FORM = EXPERIMENT_SETTINGS["attention_form"]  # eq. 13, as in every experiment
 NO_CLIPPING = EXPERIMENT_SETTINGS["max_grad_norm"]  # as in every experiment
-STAGE_A_SETTINGS = dict(data="digits", arch="resflow", preset="cpu", model={"squeeze_first": False}, batch_size=32, lr=2e-3,
-                        warmup=50, lr_schedule="constant", max_grad_norm=NO_CLIPPING, ema_decay=0.99, eval_size=64,
-                        attention_form=EXPERIMENT_FORM)
+STAGE_A_SETTINGS = dict(data="digits", task="density", arch="resflow", preset="cpu", model={"squeeze_first": False},
+                        batch_size=32, lr=2e-3, warmup=50, lr_schedule="constant", max_grad_norm=NO_CLIPPING,
+                        ema_decay=0.99, eval_size=64, attention_form=EXPERIMENT_FORM)
 STAGE_TEXT = {"A": "8x8 digits, exact log-det", "B": "MNIST-5k 28x28, the estimator with common random numbers"}
-STAGE_B_SETTINGS = dict(data="mnist5k", arch="resflow", preset="cpu", batch_size=32, lr=2e-3, warmup=50, lr_schedule="constant",
-                        max_grad_norm=NO_CLIPPING, ema_decay=0.99, eval_size=64, attention_form=EXPERIMENT_FORM)
+STAGE_B_SETTINGS = dict(data="mnist5k", task="density", arch="resflow", preset="cpu", batch_size=32, lr=2e-3, warmup=50,
+                        lr_schedule="constant", max_grad_norm=NO_CLIPPING, ema_decay=0.99, eval_size=64,
+                        attention_form=EXPERIMENT_FORM)
 
 
 @dataclass(frozen=True)

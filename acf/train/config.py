@@ -16,7 +16,15 @@ from ..layers.logdet import DEFAULT_MAX_TERMS, GRADS, LogdetEstimator
 from ..models import (ARCHS, ATTENTION_CHOICES, ATTENTION_SETTINGS, PRESETS, ACFModel, AttentionSettings, ModelConfig,
                       model_config)
 
-TASKS = ("density", "hybrid")  # hybrid: bits/dim + cross-entropy of a linear head on z
+# What a run trains (``acf train --task``), each with the line its help gives. "conditional" uses the labels: its
+# prior is one unit Gaussian per class around a learnt mean (``prior_components`` = the classes), training
+# maximises the joint ``log p(x, y)`` and every evaluation reports the bits/dim of the marginal
+# ``p(x) = (1/K) sum_y p(x | y)`` (a density of images alone, as "density"'s) and the accuracy of the
+# latent's most likely class (bench/results/2026-12-05-default-run-conditional.md).
+TASKS = {"density": "bits/dim of p(x), no labels",
+         "conditional": "one learnt Gaussian per class in the prior, trained on log p(x, y); bits/dim of p(x)",
+         "hybrid": "bits/dim + cross-entropy of a linear classifier on z"}
+TASKS_WITH_LABELS = ("conditional", "hybrid")
 LR_SCHEDULES = ("constant", "cosine", "decay")
 DECAY_FRACTION = 0.25  # "decay": the learning rate falls linearly to 0 over this last fraction of the steps
 CONFIG_SECTIONS = ("train", "model", "world_size", "warning")  # of config.json; "train" is read back, the rest a record
@@ -36,7 +44,7 @@ class TrainConfig(AttentionSettings):
     attention: Optional[str] = None  # one of ATTENTION_CHOICES (None: no attention); see docs/RESULTS.md
     heads: int = 4
     preset: str = "cpu-deep-nopreact"
-    task: str = "density"            # one of TASKS
+    task: str = "conditional"        # one of TASKS
     steps: int = 4500
     batch_size: int = 32
     lr: float = 1e-2
@@ -60,7 +68,7 @@ class TrainConfig(AttentionSettings):
         if not isinstance(self.data, str) or self.data not in DATASETS:
             raise ValueError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
         check_optional_str(self.data_root, "data_root")
-        check_choice(self.task, "task", TASKS)
+        check_choice(self.task, "task", tuple(TASKS))
         check_choice(self.arch, "arch", ARCHS)
         check_choice(self.attention, "attention", ATTENTION_CHOICES)
         check_choice(self.preset, "preset", tuple(PRESETS))
@@ -90,8 +98,14 @@ class TrainConfig(AttentionSettings):
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string, got {self.device!r}")
         parse_device(self.device)  # "auto", and whether this machine has the device, are resolved where the run starts
-        if self.task == "hybrid" and DATASETS[self.data].n_classes == 0:
-            raise ValueError(f"data set {self.data!r} has no labels: it cannot train a hybrid model")
+        if self.task in TASKS_WITH_LABELS and DATASETS[self.data].n_classes == 0:
+            raise ValueError(f"data set {self.data!r} has no labels: it cannot train task {self.task!r} "
+                             f"(train its density: task 'density', --task density)")
+        if self.task == "conditional" and self.model.get("prior_components", DATASETS[self.data].n_classes) != \
+                DATASETS[self.data].n_classes:
+            raise ValueError(f"task 'conditional' gives the prior one component per class of {self.data!r} "
+                             f"({DATASETS[self.data].n_classes}); model setting prior_components="
+                             f"{self.model['prior_components']} contradicts it (leave it out)")
         model_config_of(self)  # every model setting checked now, each error naming its field
 
 
@@ -106,7 +120,8 @@ def model_config_of(cfg: TrainConfig) -> ModelConfig:
     info = DATASETS[cfg.data]
     est = LogdetEstimator(method="roulette", n_exact=cfg.n_exact, n_exact_eval=cfg.n_exact_eval, lam=cfg.lam,
                           grad=cfg.grad)
-    return model_config(cfg.arch, cfg.attention, cfg.heads, info.input_shape, preset=cfg.preset, **cfg.model,
+    model = {**cfg.model, "prior_components": info.n_classes} if cfg.task == "conditional" else cfg.model
+    return model_config(cfg.arch, cfg.attention, cfg.heads, info.input_shape, preset=cfg.preset, **model,
                         n_classes=info.n_classes if cfg.task == "hybrid" else None, estimator=est,
                         logit_alpha=cfg.logit_alpha, **cfg.attention_settings())
 

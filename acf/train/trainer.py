@@ -24,8 +24,8 @@ from ..errors import ACFError
 from ..layers.block import CertificateError, ContractiveBlock, certified_bounds, truncated_series, uncertified_warning
 from ..layers.flow import bits_per_dim, uniform_dequantize
 from ..models import ACFModel
-from ..runfolder import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES
-from .config import DECAY_FRACTION, TrainConfig, build_for, config_diff
+from ..runfolder import CHECKPOINT, CLASS_SAMPLE_TEMPERATURE, CONFIG, SAMPLE_TEMPERATURES
+from .config import DECAY_FRACTION, TASKS_WITH_LABELS, TrainConfig, build_for, config_diff
 from .folder import check_folder
 
 METRIC_FIELDS = ("step", "train_bpd", "test_bpd", "test_acc", "seconds", "lipschitz_max")
@@ -103,11 +103,13 @@ class Trainer:
         return to_float(images.to(self.device, non_blocking=copy_async)), labels.to(self.device, non_blocking=copy_async)
 
     # ---- one step -----------------------------------------------------------------------------
-    def objective(self, model: ACFModel, x: torch.Tensor, y: torch.Tensor
+    def objective(self, model: ACFModel, x: torch.Tensor, y: torch.Tensor, training: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(loss, bits/dim per sample, z)`` on a batch of ``[0, 1]`` images (dequantised here)."""
+        """``(loss, bits/dim per sample, z)`` on a batch of ``[0, 1]`` images (dequantised here). A conditional
+        model trains on the joint ``log p(x, y)`` and is evaluated (``training=False``) on the marginal ``p(x)``."""
         z, logdet = model(uniform_dequantize(x))
-        bpd = bits_per_dim(model.prior_log_prob(z) + logdet, model.dims)
+        component = y if self.cfg.task == "conditional" and training else None
+        bpd = bits_per_dim(model.prior_log_prob(z, component) + logdet, model.dims)
         loss = bpd.mean()
         if self.cfg.task == "hybrid":
             loss = loss + F.cross_entropy(model.classify(z), y)
@@ -171,7 +173,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, n: Optional[int] = None) -> tuple[float, Optional[float]]:
-        """Test bits/dim (and accuracy for hybrid models) of the EMA model on the first ``n`` test images.
+        """Test bits/dim (and, for tasks trained with labels, accuracy) of the EMA model on the first ``n`` test images.
         The dequantisation noise and log-det draws come from a generator of their own, seeded with
         ``EVALUATION_SEED`` at every evaluation: evaluating never moves the training's random stream (so
         ``eval_every`` does not change the trajectory), and every evaluation draws the same noise."""
@@ -192,11 +194,11 @@ class Trainer:
         for start in range(0, n, self.cfg.batch_size):
             images, labels = self.test_set[slice(start, min(start + self.cfg.batch_size, n))]
             x, y = to_float(images).to(self.device), labels.to(self.device)
-            _, bpd, z = self.objective(model, x, y)
+            _, bpd, z = self.objective(model, x, y, training=False)
             bpds.append(bpd)
-            if self.cfg.task == "hybrid":
+            if self.cfg.task in TASKS_WITH_LABELS:
                 correct += int((model.classify(z).argmax(1) == y).sum())
-        acc = correct / n if self.cfg.task == "hybrid" else None
+        acc = correct / n if self.cfg.task in TASKS_WITH_LABELS else None
         return float(torch.cat(bpds).mean()), acc
 
     @torch.no_grad()
@@ -317,13 +319,18 @@ class Trainer:
     # ---- figures ------------------------------------------------------------------------------
     @torch.no_grad()
     def write_figures(self, n: int = 16) -> None:
-        """``samples.png`` (``n`` per temperature of ``SAMPLE_TEMPERATURES``), ``reconstructions.png`` (top:
+        """``samples.png`` (``n`` per temperature of ``SAMPLE_TEMPERATURES``), for a conditional model
+        ``class_samples.png`` (``n // 2`` per class at ``CLASS_SAMPLE_TEMPERATURE``), ``reconstructions.png`` (top:
         test images, bottom: f^-1(f(x))), ``convergence.png`` and ``lipschitz.png`` of the evaluated model."""
-        from ..figures import save_convergence, save_grid, save_lipschitz, save_samples  # matplotlib: only here
+        from ..figures import (save_class_samples, save_convergence, save_grid, save_lipschitz,  # matplotlib: only here
+                               save_samples)
 
         run, cfg, model = self.run_dir, self.cfg, self.evaluated_model()
         name = f"{cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, step {self.step}"
         save_samples(model, run / "samples.png", n, SAMPLE_TEMPERATURES, f"samples: {name}", on_fail="warn")
+        if cfg.task == "conditional":
+            save_class_samples(model, run / "class_samples.png", max(1, n // 2), CLASS_SAMPLE_TEMPERATURE,
+                               f"samples by class (T = {CLASS_SAMPLE_TEMPERATURE:g}): {name}", on_fail="warn")
         images, _ = self.test_set[slice(0, 8)]
         x = uniform_dequantize(to_float(images).to(self.device))
         z, _ = model(x)
