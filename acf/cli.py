@@ -196,7 +196,7 @@ def cmd_figure(args: argparse.Namespace) -> int:
 
     with open_run(args.run, args.device, f"acf {args.command}") as (model, test):
         if args.command == "sample":
-            out = write_samples(args.run, model, args.n, args.temperature)
+            out = " ".join(str(p) for p in write_samples(args.run, model, args.n, args.temperature))
         elif args.command == "reconstruct":
             out, err = write_reconstructions(args.run, model, test, args.n)
             print(f"max |f^-1(f(x)) - x| = {err:.2e}")
@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, help="test images (default: all)")
     ev.add_argument("--ablate-attention", dest="ablate_attention", action="store_true",
                     help="also evaluate with every attention path zeroed (the knock-out: what attention contributes)")
-    sm = run_command("sample", "samples.png from the run's EMA model: a row block per temperature", cmd_figure)
+    sm = run_command("sample", "samples.png from the run's EMA model: a row block per temperature (and "
+                               "class_samples.png, a row per class, for a class-conditional run)", cmd_figure)
     sm.add_argument("--n", type=int, default=16, help="samples per temperature")
     sm.add_argument("--temperature", type=float, nargs="+", default=list(SAMPLE_TEMPERATURES),
                     help="one or more temperatures (standard deviations of z)")

@@ -15,7 +15,7 @@ import torch
 from . import runfolder
 from ._checks import check_int, resolve_device
 from .data import ImageDataset, load_dataset, to_float
-from .figures import save_figure, save_grid, save_samples
+from .figures import save_figure, save_grid, save_run_samples
 from .layers.flow import bits_per_dim, uniform_dequantize
 from .models import ACFModel
 from .runfolder import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES
@@ -119,11 +119,12 @@ def interpolations(model: ACFModel, test: ImageDataset, pairs: int = 4, steps: i
     return model.inverse(path.reshape(pairs * steps, -1)).clamp(0, 1)
 
 
-def write_samples(run: Path, model: ACFModel, n: int = 16, temperatures: Sequence[float] = SAMPLE_TEMPERATURES) -> Path:
-    """``samples.png``: ``n`` samples at each temperature, one labelled row block per temperature."""
-    out = Path(run) / "samples.png"
-    save_samples(model, out, n, temperatures, "samples")
-    return out
+def write_samples(run: Path, model: ACFModel, n: int = 16, temperatures: Sequence[float] = SAMPLE_TEMPERATURES
+                  ) -> list[Path]:
+    """``samples.png``: ``n`` samples at each temperature, one labelled row block per temperature; for a
+    class-conditional run also ``class_samples.png``, a row per class (``acf.figures.save_run_samples``)."""
+    by_class = model.train_config is not None and model.train_config.task == "conditional"
+    return save_run_samples(model, Path(run), n, temperatures, "", by_class)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ._checks import check_int  # noqa: E402
-from .runfolder import atomic_write  # noqa: E402
+from .runfolder import CLASS_SAMPLE_TEMPERATURE, atomic_write  # noqa: E402
 
 if TYPE_CHECKING:
     from .models import ACFModel
@@ -86,6 +86,20 @@ def save_class_samples(model: "ACFModel", path: Path, n: int, temperature: float
     blocks = [(str(k), model.sample(n, temperature=temperature, component=k, **inverse_kwargs), 1)
               for k in range(len(model.prior_means))]
     save_grids(blocks, path, title)
+
+
+def save_run_samples(model: "ACFModel", run: Path, n: int, temperatures: Sequence[float], about: str, by_class: bool,
+                     **inverse_kwargs: object) -> list[Path]:
+    """A run folder's samples (``acf train``, ``acf sample``): ``samples.png``, ``n`` at each temperature, and with
+    ``by_class`` (a class-conditional run) ``class_samples.png``, ``n // 2`` of each class at
+    ``CLASS_SAMPLE_TEMPERATURE``; ``about`` ends the titles. Returns the paths written."""
+    paths = [Path(run) / "samples.png"]
+    save_samples(model, paths[0], n, temperatures, f"samples{about}", **inverse_kwargs)
+    if by_class:
+        paths.append(Path(run) / "class_samples.png")
+        save_class_samples(model, paths[1], max(1, n // 2), CLASS_SAMPLE_TEMPERATURE,
+                           f"samples by class (T = {CLASS_SAMPLE_TEMPERATURE:g}){about}", **inverse_kwargs)
+    return paths
 
 
 def save_convergence(history: list[dict], path: Path, title: str) -> None:

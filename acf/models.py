@@ -345,12 +345,9 @@ class ACFModel(nn.Module):
     def prior_log_prob(self, z: torch.Tensor, component: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``log p_Z(z)`` per sample: ``N(0, I)``, or the mixture of ``prior_components`` unit Gaussians; with
         ``component`` (``(B,)`` indices; a class-conditional model's labels) the joint ``log p_Z(z, k)``."""
-        if self.prior_means is None:
-            if component is not None:
-                raise ValueError("component given, but this model's prior N(0, I) has no components "
-                                 "(build it with prior_components=K)")
+        if self.prior_means is None and component is None:
             return standard_normal_logprob(z)
-        return gaussian_mixture_logprob(z, self.prior_means, component)
+        return gaussian_mixture_logprob(z, self._prior_components(), component)
 
     def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Bits per dimension of dequantised 8-bit data ``x``: ``-(log p(x) - D log 256) / (D log 2)``."""
@@ -377,12 +374,10 @@ class ACFModel(nn.Module):
         check_real(temperature, "temperature", low=0.0)
         p = next(self.parameters())
         z = torch.randn(n, self.dims, device=p.device, dtype=p.dtype) * temperature
-        if self.prior_means is not None:
-            k = torch.randint(len(self.prior_means), (n,), device=p.device) if component is None else \
-                self._components(component, n)
-            z = z + self.prior_means[k]
-        elif component is not None:
-            raise ValueError("component given, but this model's prior N(0, I) has no components")
+        if self.prior_means is not None or component is not None:
+            means = self._prior_components()
+            k = torch.randint(len(means), (n,), device=p.device) if component is None else self._components(component, n)
+            z = z + means[k]
         x = self.inverse(z, **inverse_kwargs).clamp(0.0, 1.0)
         if not return_log_prob:
             return x
@@ -391,6 +386,13 @@ class ACFModel(nn.Module):
             return x, self.eval().log_prob(x)
         finally:
             self.train(was_training)
+
+    def _prior_components(self) -> torch.Tensor:
+        """The means of the prior's components; for ``N(0, I)`` an error (a component was asked of it)."""
+        if self.prior_means is None:
+            raise ValueError("component given, but this model's prior N(0, I) has no components "
+                             "(build it with prior_components=K)")
+        return self.prior_means
 
     def _components(self, component: int | torch.Tensor, n: int) -> torch.Tensor:
         """``component`` (an index or ``n`` of them) as ``(n,)`` int64 indices of the prior's components, checked."""

@@ -11,7 +11,9 @@ the mean top-class probability, and the share of samples the classifier gives a 
 above 0.9 and above 0.99; how many classes the sure ones fall in and the largest class's share of them (a
 prior that collapses onto a few digits shows here); and how far the samples are from the training set:
 the median distance (pixels in [0, 1], L2) from a sample to its nearest training image over the same
-median for the test images (about 1: as new as unseen data; far below 1: copies of training images).
+median for the test images (about 1: as new as unseen data; far below 1: copies of training images); and for
+a class-conditional run (``acf train``'s default task) the share of samples the classifier puts in the class
+they were drawn from (classes in turn, 0, 1, ..., 9, 0, ...).
 ``--figure`` draws each run's first 32 samples, one block per run. A classifier is also sure of some
 shapes no reader would name, so this ranks runs; it does not replace looking at ``samples.png``.
 """
@@ -107,13 +109,14 @@ def main() -> None:
     print(f"({args.n} samples, T = {args.temperature:g}, seed {args.seed}; thin: ink below the training images' 5th "
           f"percentile, {thin:.3f}; the test images' median distance to the nearest training image: {novelty:.2f})")
     print("| run | test bits/dim | thin | mean top probability | top > 0.9 | top > 0.99 | classes (> 0.9) | "
-          "largest class | nearest training image / test's |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "largest class | nearest training image / test's | in the class drawn |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     blocks = []
     for (label, run), model in zip(labelled, models):
+        drawn = torch.arange(args.n) % len(model.prior_means) if model.train_config.task == "conditional" else None
         torch.manual_seed(args.seed)
         with torch.no_grad():
-            x = model.sample(args.n, temperature=args.temperature)
+            x = model.sample(args.n, temperature=args.temperature, component=drawn)
             prob = F.softmax(net(x), dim=1)
         top, label_of = prob.max(1)
         counts = torch.bincount(label_of[top > 0.9], minlength=prob.shape[1])
@@ -122,7 +125,8 @@ def main() -> None:
         bpd = last_test_bpd(run)
         print(f"| {label} | {bpd} | {float((ink(x) < thin).float().mean()):.3f} | {float(top.mean()):.3f} "
               f"| {float((top > 0.9).float().mean()):.3f} | {float((top > 0.99).float().mean()):.3f} "
-              f"| {int((counts > 0).sum())} | {largest} | {ratio:.2f} |")
+              f"| {int((counts > 0).sum())} | {largest} | {ratio:.2f} "
+              f"| {'-' if drawn is None else f'{float((label_of == drawn).float().mean()):.3f}'} |")
         blocks.append((f"{label} ({bpd})", x[:32], 4))
     if args.figure is not None:
         save_grids(blocks, args.figure, f"temperature {args.temperature:g}, torch.manual_seed({args.seed}) for every run")

@@ -11,7 +11,9 @@ import torch
 
 from acf import runfolder
 from acf.cli import main
-from acf.train import SETTINGS_ADDED_LATER, NonFiniteLossError, TrainConfig, Trainer, read_run_config, train
+from acf.data import to_float
+from acf.train import (SETTINGS_ADDED_LATER, NonFiniteLossError, TrainConfig, Trainer, model_config_of, read_run_config,
+                       train)
 from acf.train.trainer import SERIES_CHECK_FACTOR, SERIES_TOLERANCE
 
 from helpers import assert_same_checkpoint
@@ -245,6 +247,30 @@ def test_hybrid_task_reports_accuracy(tmp_path):
     assert acc is not None and 0.0 <= acc <= 1.0
 
 
+def test_conditional_task_trains_the_joint_and_reports_the_marginal(tmp_path):
+    """The default task, "conditional": one prior component per class; training lowers the joint
+    ``-log p(x, y)``, evaluation reports the marginal ``p(x)`` (above the joint by ``-log p(y | x)``, the posterior
+    of ``classify``) and the accuracy of the latent's most likely class; class_samples.png holds a row per class."""
+    cfg = TrainConfig(**{**TINY, "attention": None})
+    assert cfg.task == "conditional" and model_config_of(cfg).prior_components == 10
+    assert model_config_of(TrainConfig(**{**TINY, "task": "density"})).prior_components == 0
+    trainer = train(cfg, tmp_path / "run", progress=False)
+    assert 0.0 <= trainer.history[-1]["test_acc"] <= 1.0
+    assert (tmp_path / "run" / "class_samples.png").stat().st_size > 0
+    images, labels = trainer.test_set[slice(0, 16)]
+    x = to_float(images)
+    model, readings = trainer.evaluated_model(), []
+    for training in (True, False):
+        torch.manual_seed(3)  # the same dequantisation noise and log-det draws for both readings
+        readings.append(trainer.objective(model, x, labels, training=training))
+    (_, joint, z), (_, marginal, _) = readings
+    gap = (joint - marginal) * 64 * math.log(2.0)  # nats
+    with torch.no_grad():
+        posterior = torch.log_softmax(model.classify(z), dim=1).gather(1, labels[:, None])[:, 0]
+    torch.testing.assert_close(gap, -posterior, rtol=1e-4, atol=1e-3)
+    assert bool((gap >= -1e-3).all())
+
+
 def test_bad_training_configuration():
     with pytest.raises(ValueError, match="task must be"):
         TrainConfig(task="regression")
@@ -252,6 +278,13 @@ def test_bad_training_configuration():
         TrainConfig(data="svhn")
     with pytest.raises(ValueError, match="no labels"):
         TrainConfig(data="celeba64", task="hybrid")
+    with pytest.raises(ValueError, match=r"'celeba64' has no labels: it cannot train task 'conditional' \(train "
+                                         r"its density: task 'density', --task density\)"):
+        TrainConfig(data="celeba64")
+    with pytest.raises(ValueError, match="one component per class of 'digits' \\(10\\); model setting "
+                                         "prior_components=4 contradicts it"):
+        TrainConfig(data="digits", model={"prior_components": 4})
+    assert TrainConfig(data="celeba64", task="density").task == "density"
 
 
 @pytest.mark.parametrize("field,value,match", [

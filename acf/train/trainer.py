@@ -24,7 +24,7 @@ from ..errors import ACFError
 from ..layers.block import CertificateError, ContractiveBlock, certified_bounds, truncated_series, uncertified_warning
 from ..layers.flow import bits_per_dim, uniform_dequantize
 from ..models import ACFModel
-from ..runfolder import CHECKPOINT, CLASS_SAMPLE_TEMPERATURE, CONFIG, SAMPLE_TEMPERATURES
+from ..runfolder import CHECKPOINT, CONFIG, SAMPLE_TEMPERATURES
 from .config import DECAY_FRACTION, TASKS_WITH_LABELS, TrainConfig, build_for, config_diff
 from .folder import check_folder
 
@@ -319,18 +319,14 @@ class Trainer:
     # ---- figures ------------------------------------------------------------------------------
     @torch.no_grad()
     def write_figures(self, n: int = 16) -> None:
-        """``samples.png`` (``n`` per temperature of ``SAMPLE_TEMPERATURES``), for a conditional model
-        ``class_samples.png`` (``n // 2`` per class at ``CLASS_SAMPLE_TEMPERATURE``), ``reconstructions.png`` (top:
+        """``samples.png`` (``n`` per temperature of ``SAMPLE_TEMPERATURES``) and for a conditional model
+        ``class_samples.png`` (``acf.figures.save_run_samples``), ``reconstructions.png`` (top:
         test images, bottom: f^-1(f(x))), ``convergence.png`` and ``lipschitz.png`` of the evaluated model."""
-        from ..figures import (save_class_samples, save_convergence, save_grid, save_lipschitz,  # matplotlib: only here
-                               save_samples)
+        from ..figures import save_convergence, save_grid, save_lipschitz, save_run_samples  # matplotlib: only here
 
         run, cfg, model = self.run_dir, self.cfg, self.evaluated_model()
         name = f"{cfg.arch} + {cfg.attention or 'no'} attention on {cfg.data}, step {self.step}"
-        save_samples(model, run / "samples.png", n, SAMPLE_TEMPERATURES, f"samples: {name}", on_fail="warn")
-        if cfg.task == "conditional":
-            save_class_samples(model, run / "class_samples.png", max(1, n // 2), CLASS_SAMPLE_TEMPERATURE,
-                               f"samples by class (T = {CLASS_SAMPLE_TEMPERATURE:g}): {name}", on_fail="warn")
+        save_run_samples(model, run, n, SAMPLE_TEMPERATURES, f": {name}", cfg.task == "conditional", on_fail="warn")
         images, _ = self.test_set[slice(0, 8)]
         x = uniform_dequantize(to_float(images).to(self.device))
         z, _ = model(x)
