@@ -376,7 +376,8 @@ class ACFModel(nn.Module):
         z = torch.randn(n, self.dims, device=p.device, dtype=p.dtype) * temperature
         if self.prior_means is not None or component is not None:
             means = self._prior_components()
-            k = torch.randint(len(means), (n,), device=p.device) if component is None else self._components(component, n)
+            k = (torch.randint(len(means), (n,), device=p.device) if component is None
+                 else self._components(component, n))
             z = z + means[k]
         x = self.inverse(z, **inverse_kwargs).clamp(0.0, 1.0)
         if not return_log_prob:
